@@ -1,0 +1,1 @@
+"""tir-gym environments: importing this package registers every env id with Gymnasium."""

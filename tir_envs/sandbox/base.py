@@ -1,0 +1,117 @@
+"""The sandbox contract every backend implements.
+
+A ``Sandbox`` owns the expensive, shared machinery (a warm zygote process, a pool of containers).
+A ``Session`` is one episode's stateful Python kernel: globals persist across ``run`` calls, like a
+notebook cell sequence, and nothing is shared between sessions.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+
+
+class ExecStatus(str, enum.Enum):
+    """Outcome of one ``Session.run``; ``INFRA_ERROR`` means the sandbox broke, not the code."""
+
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    MEMORY = "memory"
+    OUTPUT_LIMIT = "output_limit"
+    INFRA_ERROR = "infra_error"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    status: ExecStatus
+    stdout: str = ""
+    stderr: str = ""
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ExecStatus.OK
+
+    def to_dict(self) -> dict:
+        return {
+            "status": self.status.value,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "duration_s": self.duration_s,
+        }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits applied to every kernel; each one is a knob because workloads differ."""
+
+    timeout_s: float = 10.0
+    """Default wall-clock limit per ``run`` call; the kernel (and all it forked) is killed past it."""
+    memory_mb: int = 1024
+    """Address-space / cgroup memory cap per kernel."""
+    cpu_s: int = 60
+    """CPU-time rlimit per kernel (a second line of defence behind the wall clock)."""
+    max_output_bytes: int = 64 * 1024
+    """stdout/stderr beyond this are cut and the run is reported as ``output_limit``."""
+    file_size_mb: int = 16
+    """Largest file the code may write in its private tmp dir."""
+    max_open_files: int = 256
+    max_pids: int = 64
+    """Processes and threads per kernel (cgroup pids.max where available)."""
+
+
+@dataclass
+class Isolation:
+    """Which isolation layers are actually active; reported, never silently assumed."""
+
+    layers: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name, active in self.layers.items() if not active]
+
+
+class SandboxError(RuntimeError):
+    """The sandbox cannot be started or used (as opposed to the user's code failing)."""
+
+
+class Session(abc.ABC):
+    """One stateful kernel. Use as a context manager or call ``close``."""
+
+    @abc.abstractmethod
+    def run(self, code: str, timeout: float | None = None) -> ExecResult: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Sandbox(abc.ABC):
+    """Factory of sessions. Use as a context manager or call ``close``."""
+
+    limits: Limits
+    isolation: Isolation
+
+    @abc.abstractmethod
+    def session(self) -> Session: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def run(self, code: str, timeout: float | None = None) -> ExecResult:
+        """Run one snippet in a throwaway session."""
+        with self.session() as session:
+            return session.run(code, timeout=timeout)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
