@@ -1,0 +1,32 @@
+"""Shared fixtures: where the real benchmark files are, and whether a Docker engine is usable.
+
+Outside CI a missing resource skips with a reason; with ``CI=true`` it fails, so CI can never go
+green by skipping the tests that matter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip (locally) or fail (in CI) when a test's real resource is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def benchmarks_dir() -> Path:
+    """The real benchmark files in ../shared/data/benchmarks (never copied into the project)."""
+    path = Path(os.environ.get("TIR_SHARED_BENCHMARKS", SHARED_BENCHMARKS))
+    require(path.is_dir(), f"benchmark files not found at {path} (expected ../shared beside the repo)")
+    return path
