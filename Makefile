@@ -1,0 +1,24 @@
+# `make train` and `make test` are the two commands README.md promises on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup train test bench docker-engine
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+
+train: setup
+	$(VENV)/bin/tir train --algo gtpo --env TIR-Math-v0
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+docker-engine:
+	bash scripts/docker_engine.sh
+
+bench: setup
+	$(PY) benchmarks/sandbox.py
+	$(PY) benchmarks/env.py
+	$(PY) benchmarks/algos.py

