@@ -1,0 +1,561 @@
+"""In-container kernel server for tir-gym's docker sandbox backend.
+
+Runs as PID 1 of a locked-down container, so it reaps every orphan and is immune to signals sent
+from inside (the kernel ignores SIGKILL to a namespace's init from its own namespace). It imports
+numpy and sympy once, then forks one fresh Python kernel per session, like a zygote.
+
+The host talks to it over the container's attached stdin/stdout with length-prefixed JSON frames:
+8 hex digits of length, then ASCII-only JSON. Pure ASCII matters: docker scans attached stdin for
+a detach key sequence, and the host sets that to NUL, a byte these frames never contain.
+One request, one reply:
+
+  {"op": "hello"}                      -> facts about the isolation, measured from inside
+  {"op": "open", "limits": {...}}      -> a fresh kernel for a new session
+  {"op": "run", "code", "timeout", "max_output"} -> {"status", "stdout", "stderr", ...}
+  {"op": "close"}                      -> kill every process but this one, wipe scratch space
+
+A container hosts one session at a time, so on close or after a kernel fault everything except
+PID 1 is killed with kill(-1), daemons the code forked included.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import sys
+import time
+import traceback
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"  # BLAS thread pools would eat the pids limit and memory; set before import
+
+import fractions  # noqa: E402,F401  (warm imports: every kernel forks with them loaded)
+import itertools  # noqa: E402,F401
+import math  # noqa: E402,F401
+
+import numpy  # noqa: E402,F401
+import sympy  # noqa: E402,F401
+
+WORK_DIR = "/tmp/work"
+SCRATCH_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
+KERNEL_CTL_FD = 3
+MAX_FRAME = 64 * 1024 * 1024
+DRAIN_CHUNK = 1024 * 1024
+OUTPUT_KILL_FACTOR = 16
+"""A run that keeps printing past this many times the output limit is killed, not just cut."""
+KERNEL_START_S = 10.0
+KERNEL_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": WORK_DIR,
+    "TMPDIR": WORK_DIR,
+    "LANG": "C.UTF-8",
+    "MPLCONFIGDIR": WORK_DIR,
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
+IPC_RMID = 0
+
+
+# --- framing -------------------------------------------------------------------------------------
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(fd: int) -> dict | None:
+    """Read one frame; None on EOF (the peer is gone)."""
+    header = _read_exact(fd, 8)
+    if header is None:
+        return None
+    size = int(header, 16)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes exceeds {MAX_FRAME}")
+    body = _read_exact(fd, size)
+    return None if body is None else json.loads(body)
+
+
+def send_frame(fd: int, message: dict) -> None:
+    body = json.dumps(message, ensure_ascii=True).encode("ascii")
+    data = memoryview(b"%08x" % len(body) + body)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+# --- isolation helpers ---------------------------------------------------------------------------
+
+
+def _network_filter() -> bytes:
+    """A seccomp BPF program: socket() for IP and packet families fails with EPERM.
+
+    network_mode=none leaves a working loopback inside the container; this closes it too, while
+    AF_UNIX (pipes, multiprocessing) keeps working.
+    """
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06
+    allow, errno_eperm = 0x7FFF0000, 0x00050001
+    arch, socket_nr = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}[os.uname().machine]
+    af_inet, af_inet6, af_packet = 2, 10, 17
+    program = [
+        (ld_abs, 0, 0, 4),  # arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, errno_eperm),  # a foreign ABI (x32, i386): refuse rather than guess numbers
+        (ld_abs, 0, 0, 0),  # syscall nr
+        (jeq, 0, 4, socket_nr),
+        (ld_abs, 0, 0, 16),  # low word of args[0]: the address family
+        (jeq, 3, 0, af_inet),
+        (jeq, 2, 0, af_inet6),
+        (jeq, 1, 0, af_packet),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, errno_eperm),
+    ]
+    return b"".join(struct.pack("HBBI", *insn) for insn in program)
+
+
+def install_network_filter() -> bool:
+    """Install the seccomp socket filter in this process; False where the kernel refuses."""
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    try:
+        code = _network_filter()
+    except KeyError:
+        return False
+    prog = SockFprog(len(code) // 8, code)
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    return _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) == 0
+
+
+def _oom_kills() -> int | None:
+    """The container cgroup's OOM-kill counter (v1 or v2), to tell an OOM kill from other deaths."""
+    for path in ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill":
+                        return int(value)
+        except OSError:
+            continue
+    return None
+
+
+def isolation_facts() -> dict:
+    """What this container actually enforces, measured from inside rather than assumed."""
+    status = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            status[name] = value.strip()
+    mounts = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, target, fstype, options = line.split()[:4]
+            mounts[target] = (fstype, options.split(","))
+    return {
+        "uid": os.getuid(),
+        "no_new_privs": status.get("NoNewPrivs") == "1",
+        "seccomp": status.get("Seccomp") == "2",
+        "cap_eff_zero": int(status.get("CapEff", "1"), 16) == 0,
+        "read_only_rootfs": "ro" in mounts.get("/", ("", []))[1],
+        "tmp_tmpfs": mounts.get("/tmp", ("", []))[0] == "tmpfs",
+        "interfaces": sorted(os.listdir("/sys/class/net")),
+        "oom_counter": _oom_kills() is not None,
+        "python": sys.version.split()[0],
+    }
+
+
+# --- process control and cleanup -----------------------------------------------------------------
+
+
+def reap() -> None:
+    """Collect every exited child: as PID 1 all orphans land here."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _other_pids() -> list[int]:
+    me = os.getpid()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != me]
+
+
+def kill_all(deadline_s: float = 5.0) -> bool:
+    """SIGKILL every process in the container except this one; True once none is left."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reap()
+        if not _other_pids():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+
+
+def _rmtree_contents(root: str) -> None:
+    def force(func, path, _exc):
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            func(path)
+        except OSError:
+            pass
+
+    handler = {"onexc": force} if sys.version_info >= (3, 12) else {"onerror": force}
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return
+    for name in entries:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, **handler)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _remove_sysv_ipc() -> None:
+    """SysV shared memory, queues and semaphores outlive their creators; drop them between sessions."""
+    for kind, ctl in (("shm", _libc.shmctl), ("msg", _libc.msgctl), ("sem", _libc.semctl)):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            ipc_id = int(row.split()[1])
+            if kind == "sem":
+                ctl(ipc_id, 0, IPC_RMID)
+            else:
+                ctl(ipc_id, IPC_RMID, None)
+
+
+def wipe_scratch() -> None:
+    for root in SCRATCH_DIRS:
+        _rmtree_contents(root)
+    _remove_sysv_ipc()
+    os.makedirs(WORK_DIR, mode=0o700, exist_ok=True)
+
+
+# --- the kernel (a forked child) -----------------------------------------------------------------
+
+
+def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
+    """Confine the freshly forked child; returns whether the network filter is active."""
+    import resource
+
+    os.setsid()
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # the OOM killer takes a kernel, never the runner
+    except OSError:
+        pass
+    mb = 1024 * 1024
+    for rlimit, value in (
+        (resource.RLIMIT_AS, limits["memory_mb"] * mb),
+        (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
+        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+        (resource.RLIMIT_CORE, 0),
+    ):
+        resource.setrlimit(rlimit, (value, value))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.dup2(ctl, KERNEL_CTL_FD)
+    os.closerange(KERNEL_CTL_FD + 1, 65536)
+    os.environ.clear()
+    os.environ.update(KERNEL_ENV)
+    os.chdir(WORK_DIR)
+    _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own children may inspect it; PID 1 stays closed
+    return install_network_filter()
+
+
+def _print_exception(exc: BaseException) -> None:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # hide the kernel's own frames; show only the cell's
+    traceback.print_exception(type(exc), exc, tb)
+
+
+def _run_cell(source: str, filename: str, namespace: dict) -> str:
+    import linecache
+
+    try:
+        compiled = compile(source, filename, "exec")
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(compiled, namespace)
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            return "ok"
+        print(f"SystemExit: {exc.code}", file=sys.stderr)
+        return "error"
+    except MemoryError as exc:
+        _print_exception(exc)
+        return "memory"
+    except BaseException as exc:  # noqa: BLE001 - the cell's failure is its result
+        try:
+            _print_exception(exc)
+        except MemoryError:
+            return "memory"
+        return "error"
+    return "ok"
+
+
+def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
+    """Serve cells until the control socket closes; globals persist across cells."""
+    import builtins
+    import io
+
+    network_filter = _kernel_setup(limits, out_w, err_w, ctl)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(
+            io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace"
+        )
+        setattr(sys, name, stream)
+    sys.argv = [""]
+    me = os.getpid()
+    send_frame(KERNEL_CTL_FD, {"ready": True, "network_filter": network_filter})
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    cell = 0
+    while True:
+        request = recv_frame(KERNEL_CTL_FD)
+        if request is None:
+            os._exit(0)
+        cell += 1
+        status = _run_cell(request["code"], f"<cell {cell}>", namespace)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed stream must not kill the kernel
+                pass
+        if os.getpid() != me:
+            os._exit(0)  # a child the cell forked fell through to here; only the kernel replies
+        send_frame(KERNEL_CTL_FD, {"status": status})
+
+
+class Kernel:
+    """The runner's handle on one forked kernel: its control socket and output pipes."""
+
+    def __init__(self, limits: dict):
+        import socket
+
+        ctl_parent, ctl_child = socket.socketpair()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ctl_parent.close()
+                kernel_main(limits, out_w, err_w, ctl_child.fileno())
+            except BaseException:  # noqa: BLE001 - report whatever broke the setup, then die
+                traceback.print_exc()
+            finally:
+                os._exit(70)
+        ctl_child.close()
+        os.close(out_w)
+        os.close(err_w)
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+        self.pid = pid
+        self.ctl = ctl_parent
+        self.out_r, self.err_r = out_r, err_r
+        ready, _, _ = select.select([self.ctl], [], [], KERNEL_START_S)
+        hello = recv_frame(self.ctl.fileno()) if ready else None
+        if hello is None:
+            detail = self._drain(self.err_r).decode("utf-8", "replace")
+            self.close()
+            raise RuntimeError(f"the kernel did not start: {detail}")
+        self.network_filter = hello["network_filter"]
+
+    def close(self) -> None:
+        self.ctl.close()
+        for fd in (self.out_r, self.err_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _drain(fd: int, limit: int = DRAIN_CHUNK) -> bytes:
+        """Whatever the pipe holds right now, at most ``limit`` bytes (never blocks)."""
+        data = bytearray()
+        while len(data) < limit:
+            try:
+                chunk = os.read(fd, min(65536, limit - len(data)))
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+
+    def _death(self, oom_before: int | None) -> tuple[str, str]:
+        """Status and message for a kernel that vanished mid-run."""
+        try:
+            _, wait_status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "error", "the kernel died"
+        if not os.WIFSIGNALED(wait_status):
+            return "error", f"the kernel exited with code {os.WEXITSTATUS(wait_status)}"
+        sig = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        oom_after = _oom_kills()
+        if oom_before is not None and oom_after is not None and oom_after > oom_before:
+            return "memory", "the kernel was killed: out of memory"
+        if sig == signal.SIGXCPU:
+            return "timeout", "the kernel was killed: CPU time limit reached"
+        if sig == signal.SIGKILL and oom_before is None:
+            return "memory", "the kernel was killed (SIGKILL), most likely out of memory"
+        return "error", f"the kernel died from signal {name}"
+
+    def run(self, code: str, timeout: float, max_output: int) -> tuple[dict, bool]:
+        """Run one cell; returns the reply and whether the kernel survived."""
+        for fd in (self.out_r, self.err_r):
+            self._drain(fd, MAX_FRAME)  # what a background process wrote between cells
+        oom_before = _oom_kills()
+        start = time.monotonic()
+        deadline = start + timeout
+        send_frame(self.ctl.fileno(), {"code": code})
+        buffers = {self.out_r: bytearray(), self.err_r: bytearray()}
+        seen = 0
+        status, note, alive = None, "", True
+        while status is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                status, note, alive = "timeout", f"timed out after {timeout:g} s", False
+                break
+            ready, _, _ = select.select([self.ctl, self.out_r, self.err_r], [], [], remaining)
+            for fd in (self.out_r, self.err_r):
+                if fd in ready:
+                    chunk = self._drain(fd)
+                    seen += len(chunk)
+                    buffers[fd] += chunk[: max(0, max_output + 1 - len(buffers[fd]))]
+            if seen > OUTPUT_KILL_FACTOR * max_output:
+                status, note, alive = "output_limit", "output kept coming; kernel killed", False
+                break
+            if self.ctl in ready:
+                reply = recv_frame(self.ctl.fileno())
+                if reply is None:
+                    (status, note), alive = self._death(oom_before), False
+                else:
+                    status = reply["status"]
+        if alive:
+            for fd in (self.out_r, self.err_r):
+                buffers[fd] += self._drain(fd)[: max(0, max_output + 1 - len(buffers[fd]))]
+        stdout, stderr = bytes(buffers[self.out_r]), bytes(buffers[self.err_r])
+        if len(stdout) > max_output or len(stderr) > max_output:
+            if status in ("ok", "error"):
+                status = "output_limit"
+            stdout, stderr = stdout[:max_output], stderr[:max_output]
+        if note:
+            if stderr and not stderr.endswith(b"\n"):
+                stderr += b"\n"
+            stderr += f"[sandbox] {note}\n".encode()
+        return {
+            "status": status,
+            "stdout": stdout.decode("utf-8", "replace"),
+            "stderr": stderr.decode("utf-8", "replace"),
+            "exec_s": time.monotonic() - start,
+        }, alive
+
+
+# --- the server loop -----------------------------------------------------------------------------
+
+
+def serve(proto_in: int, proto_out: int) -> None:
+    kernel: Kernel | None = None
+    limits: dict = {}
+
+    def end_kernel() -> bool:
+        nonlocal kernel
+        if kernel is not None:
+            kernel.close()
+            kernel = None
+        return kill_all()
+
+    while True:
+        request = recv_frame(proto_in)
+        if request is None:
+            end_kernel()
+            return
+        op = request.get("op")
+        try:
+            if op == "hello":
+                reply = {"ok": True, "facts": isolation_facts()}
+            elif op == "open":
+                clean = end_kernel()
+                wipe_scratch()
+                limits = request["limits"]
+                kernel = Kernel(limits)
+                reply = {"ok": clean, "network_filter": kernel.network_filter}
+            elif op == "run":
+                fresh = kernel is None
+                if kernel is None:
+                    kill_all()
+                    kernel = Kernel(limits)
+                reply, alive = kernel.run(request["code"], request["timeout"], request["max_output"])
+                reply["ok"] = True if alive else end_kernel()
+                reply["fresh_kernel"] = fresh
+            elif op == "close":
+                clean = end_kernel()
+                wipe_scratch()
+                reply = {"ok": clean}
+            else:
+                reply = {"ok": False, "error": f"unknown op {op!r}"}
+        except Exception as exc:  # noqa: BLE001 - tell the host; it replaces this container
+            traceback.print_exc()
+            reply = {"ok": False, "error": f"runner failure: {exc!r}"}
+        reap()
+        send_frame(proto_out, reply)
+
+
+def main() -> None:
+    if os.getpid() != 1:
+        sys.exit("runner.py must be PID 1 of its own container: it kills every other process")
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace of, or /proc/1/fd access to, the runner
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # a stray print in here must never corrupt the protocol stream
+    wipe_scratch()
+    serve(proto_in, proto_out)
+
+
+if __name__ == "__main__":
+    main()
