@@ -57,6 +57,7 @@ if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     fi
 fi
 log "docker build $IMAGE on $BASE_IMAGE"
-# The classic builder ships with every engine; BuildKit needs the buildx plugin, which may be absent.
-DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" "$HERE" >/dev/null
+# BuildKit needs the buildx plugin; without it, ask for the classic builder instead of failing.
+docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
+docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" "$HERE" >/dev/null
 log "ready: $IMAGE ($((SECONDS - start)) s)"
