@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium
+import numpy as np
 from gymnasium.error import ResetNeeded
 from gymnasium.spaces import Text
+from gymnasium.vector.utils import (
+    create_shared_memory,
+    read_from_shared_memory,
+    write_to_shared_memory,
+)
 
 from tir_envs import DEFAULT_MAX_TURNS, data, grading
 from tir_envs.data import Problem
@@ -31,8 +38,6 @@ from tir_envs.sandbox import ExecResult, ExecStatus, Sandbox, SandboxError, Sess
 
 logger = logging.getLogger(__name__)
 
-MAX_OBSERVATION_CHARS = 1 << 20
-
 
 class UnicodeText(Text):
     """A ``Text`` space that contains every string up to ``max_length`` characters.
@@ -50,6 +55,59 @@ class UnicodeText(Text):
 
     def __repr__(self) -> str:
         return f"UnicodeText({self.min_length}, {self.max_length})"
+
+
+# AsyncVectorEnv passes observations through shared memory by default. Gymnasium's Text codec maps
+# characters through the charset and reads the buffer once into an immutable tuple, so text
+# observations would never update. These handlers store UTF-32 code points behind a length and hand
+# out a live view; ``deepcopy`` of the view (what AsyncVectorEnv returns) is a plain tuple of str.
+
+
+class SharedTextBatch(Sequence):
+    """A live view of ``n`` strings in a shared int32 buffer: ``[length, code points...]`` per slot."""
+
+    def __init__(self, buffer: Any, n: int, max_length: int):
+        self._buffer, self._n, self._stride = buffer, n, max_length + 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(self._n)))
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        data = np.frombuffer(self._buffer.get_obj(), dtype=np.int32)
+        start = (index % self._n) * self._stride
+        codes = data[start + 1 : start + 1 + data[start]]
+        return codes.tobytes().decode("utf-32-le", errors="surrogatepass")
+
+    def __deepcopy__(self, memo: dict) -> tuple[str, ...]:
+        return tuple(self)
+
+    def __repr__(self) -> str:
+        return f"SharedTextBatch({tuple(self)!r})"
+
+
+@create_shared_memory.register(UnicodeText)
+def _create_shared_text(space: UnicodeText, n: int = 1, ctx: Any = multiprocessing) -> Any:
+    return ctx.Array(np.dtype(np.int32).char, n * (space.max_length + 1))
+
+
+@read_from_shared_memory.register(UnicodeText)
+def _read_shared_text(space: UnicodeText, shared_memory: Any, n: int = 1) -> SharedTextBatch:
+    return SharedTextBatch(shared_memory, n, space.max_length)
+
+
+@write_to_shared_memory.register(UnicodeText)
+def _write_shared_text(space: UnicodeText, index: int, value: str, shared_memory: Any) -> None:
+    codes = np.frombuffer(value.encode("utf-32-le", errors="surrogatepass"), dtype=np.int32)
+    if len(codes) > space.max_length:
+        raise ValueError(f"text of {len(codes)} characters exceeds the space's {space.max_length}")
+    data = np.frombuffer(shared_memory.get_obj(), dtype=np.int32)
+    start = index * (space.max_length + 1)
+    data[start] = len(codes)
+    data[start + 1 : start + 1 + len(codes)] = codes
 
 
 ProblemSource = Any
@@ -73,7 +131,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     format penalty and the episode goes on. A non-``str`` action raises ``TypeError``.
 
     ## Observation Space
-    ``UnicodeText(2**20)``. After ``reset``: the prompt (instructions + question; rendered with
+    ``UnicodeText(max_observation_chars)``. After ``reset``: the prompt (instructions + question; rendered with
     ``tokenizer``'s chat template when one is given). After a tool turn: the formatted output
     ```` ```output\n...\n```\n```` (stdout, stderr, a note on timeout/memory/limits; the middle of
     overlong output is cut to ``max_output_chars``). After the final turn: ``""``. The gold answer never
@@ -129,7 +187,8 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     - ``system_prompt``, ``user_template``, ``tokenizer``: the prompt (``tir_envs.protocol``).
     - ``code_blocks``: which python blocks of a turn run: ``"all"`` (concatenated), ``"first"``, ``"last"``.
     - ``display_last_expression``: print a cell's trailing expression like a notebook.
-    - ``max_action_chars``, ``max_output_chars``: caps on a turn and on a tool observation.
+    - ``max_action_chars``, ``max_output_chars``, ``max_observation_chars``: caps on a turn, on a tool
+      output and on any observation (a longer prompt is an error at ``reset``).
     - ``exec_timeout_s``: wall clock per cell (default: the sandbox's ``Limits.timeout_s``).
     - ``grade_timeout_s``: bound on answer checking.
     - ``reward_weights`` (``TurnReward`` fields) or ``reward_fn`` (any ``TurnOutcome -> dict``).
@@ -158,6 +217,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         display_last_expression: bool = True,
         max_action_chars: int = 32_000,
         max_output_chars: int = 2_048,
+        max_observation_chars: int = 65_536,
         exec_timeout_s: float | None = None,
         grade_timeout_s: float = 5.0,
         reward_weights: Mapping[str, float] | None = None,
@@ -171,6 +231,8 @@ class TIRMathEnv(gymnasium.Env[str, str]):
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         if code_blocks not in ("all", "first", "last"):
             raise ValueError(f"code_blocks must be 'all', 'first' or 'last', got {code_blocks!r}")
+        if max_observation_chars < max_output_chars + 1024:
+            raise ValueError("max_observation_chars must leave room for max_output_chars + 1024")
         if reward_fn is not None and reward_weights is not None:
             raise ValueError("pass reward_weights (for the default TurnReward) or reward_fn, not both")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -193,7 +255,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         self.render_mode = render_mode
 
         self.action_space = UnicodeText(max_action_chars)
-        self.observation_space = UnicodeText(MAX_OBSERVATION_CHARS)
+        self.observation_space = UnicodeText(max_observation_chars)
 
         self._sandbox = sandbox
         self._owns_sandbox = sandbox is None
@@ -258,6 +320,11 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         self._done = False
         messages = build_messages(problem.question, self.system_prompt, self.user_template)
         obs = render_prompt(problem.question, self.tokenizer, self.system_prompt, self.user_template)
+        if len(obs) > self.observation_space.max_length:
+            raise ValueError(
+                f"the prompt of {problem.id} has {len(obs)} characters, over "
+                f"max_observation_chars={self.observation_space.max_length}"
+            )
         self._transcript = [obs]
         info = {"problem_id": problem.id, "source": problem.source, "turn": 0, "messages": messages}
         return obs, info

@@ -165,7 +165,7 @@ def parse_turn(text: str, blocks: BlockSelection = "all") -> ParsedTurn:
 def syntax_error(code: str) -> str | None:
     """The formatted ``SyntaxError`` that running ``code`` would raise, or None if it parses."""
     try:
-        ast.parse(code)
+        ast.parse(code, filename="<cell>")
     except SyntaxError as exc:
         return "".join(traceback.format_exception_only(exc)).rstrip()
     except (ValueError, RecursionError, MemoryError, OverflowError) as exc:
