@@ -44,6 +44,8 @@ import sympy  # noqa: E402,F401
 WORK_DIR = "/tmp/work"
 SCRATCH_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
 KERNEL_CTL_FD = 3
+SAVED_STDOUT_FD, SAVED_STDERR_FD = 250, 251
+"""Private copies of the kernel's output pipes, so a cell that closes fd 1 or 2 breaks only itself."""
 MAX_FRAME = 64 * 1024 * 1024
 DRAIN_CHUNK = 1024 * 1024
 OUTPUT_KILL_FACTOR = 16
@@ -270,6 +272,20 @@ def wipe_scratch() -> None:
 # --- the kernel (a forked child) -----------------------------------------------------------------
 
 
+def _restore_streams() -> None:
+    """Point fds 0-2 and sys.std* back at the kernel's pipes, whatever the last cell did to them."""
+    import io
+
+    os.dup2(SAVED_STDOUT_FD, 1)
+    os.dup2(SAVED_STDERR_FD, 2)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(
+            io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace"
+        )
+        setattr(sys, name, stream)
+
+
 def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
     """Confine the freshly forked child; returns whether the network filter is active."""
     import resource
@@ -291,10 +307,12 @@ def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
     resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(out_w, 1)
-    os.dup2(err_w, 2)
     os.dup2(ctl, KERNEL_CTL_FD)
-    os.closerange(KERNEL_CTL_FD + 1, 65536)
+    os.dup2(out_w, SAVED_STDOUT_FD)
+    os.dup2(err_w, SAVED_STDERR_FD)
+    os.closerange(KERNEL_CTL_FD + 1, SAVED_STDOUT_FD)
+    os.closerange(SAVED_STDERR_FD + 1, 65536)
+    _restore_streams()
     os.environ.clear()
     os.environ.update(KERNEL_ENV)
     os.chdir(WORK_DIR)
@@ -336,15 +354,8 @@ def _run_cell(source: str, filename: str, namespace: dict) -> str:
 def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
     """Serve cells until the control socket closes; globals persist across cells."""
     import builtins
-    import io
 
     network_filter = _kernel_setup(limits, out_w, err_w, ctl)
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        stream = io.TextIOWrapper(
-            io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace"
-        )
-        setattr(sys, name, stream)
     sys.argv = [""]
     me = os.getpid()
     send_frame(KERNEL_CTL_FD, {"ready": True, "network_filter": network_filter})
@@ -355,6 +366,8 @@ def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
         if request is None:
             os._exit(0)
         cell += 1
+        if cell > 1:
+            _restore_streams()
         status = _run_cell(request["code"], f"<cell {cell}>", namespace)
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -390,6 +403,9 @@ class Kernel:
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
         self.pid = pid
+        # Readable once the kernel exits. Its pipes and socket cannot say so: a daemon it forked
+        # may hold copies of them.
+        self.pidfd = os.pidfd_open(pid)
         self.ctl = ctl_parent
         self.out_r, self.err_r = out_r, err_r
         ready, _, _ = select.select([self.ctl], [], [], KERNEL_START_S)
@@ -402,11 +418,15 @@ class Kernel:
 
     def close(self) -> None:
         self.ctl.close()
-        for fd in (self.out_r, self.err_r):
+        for fd in (self.out_r, self.err_r, self.pidfd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+    def exited(self) -> bool:
+        """Whether the kernel has died since its last reply (e.g. a thread of it called _exit)."""
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
     @staticmethod
     def _drain(fd: int, limit: int = DRAIN_CHUNK) -> bytes:
@@ -451,7 +471,10 @@ class Kernel:
         oom_before = _oom_kills()
         start = time.monotonic()
         deadline = start + timeout
-        send_frame(self.ctl.fileno(), {"code": code})
+        try:
+            send_frame(self.ctl.fileno(), {"code": code})
+        except BrokenPipeError:
+            pass  # it died right now; the pidfd below says how
         buffers = {self.out_r: bytearray(), self.err_r: bytearray()}
         seen = 0
         status, note, alive = None, "", True
@@ -460,7 +483,8 @@ class Kernel:
             if remaining <= 0:
                 status, note, alive = "timeout", f"timed out after {timeout:g} s", False
                 break
-            ready, _, _ = select.select([self.ctl, self.out_r, self.err_r], [], [], remaining)
+            watched = [self.ctl, self.out_r, self.err_r, self.pidfd]
+            ready, _, _ = select.select(watched, [], [], remaining)
             for fd in (self.out_r, self.err_r):
                 if fd in ready:
                     chunk = self._drain(fd)
@@ -469,12 +493,11 @@ class Kernel:
             if seen > OUTPUT_KILL_FACTOR * max_output:
                 status, note, alive = "output_limit", "output kept coming; kernel killed", False
                 break
-            if self.ctl in ready:
-                reply = recv_frame(self.ctl.fileno())
-                if reply is None:
-                    (status, note), alive = self._death(oom_before), False
-                else:
-                    status = reply["status"]
+            reply = recv_frame(self.ctl.fileno()) if self.ctl in ready else None
+            if reply is not None:
+                status = reply["status"]
+            elif self.ctl in ready or self.pidfd in ready:
+                (status, note), alive = self._death(oom_before), False
         if alive:
             for fd in (self.out_r, self.err_r):
                 buffers[fd] += self._drain(fd)[: max(0, max_output + 1 - len(buffers[fd]))]
@@ -525,6 +548,8 @@ def serve(proto_in: int, proto_out: int) -> None:
                 kernel = Kernel(limits)
                 reply = {"ok": clean, "network_filter": kernel.network_filter}
             elif op == "run":
+                if kernel is not None and kernel.exited():
+                    end_kernel()
                 fresh = kernel is None
                 if kernel is None:
                     kill_all()
