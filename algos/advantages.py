@@ -1,0 +1,297 @@
+"""Advantage estimators as pure tensor functions, registered by name.
+
+Every estimator maps a :class:`~algos.batch.RolloutBatch` (and, for critics, token values) to
+per-token advantages ``[B, L]`` that are 0 wherever no loss is taken. A new algorithm adds one::
+
+    @register_advantage("mine")
+    def mine(batch, cfg, values=None) -> Advantages: ...
+
+and selects it with ``cfg.advantage = "mine"``. The math lives in small functions below
+(``group_normalize``, ``discounted_cumsum``, ``gae``) that the tests check against hand-computed
+tables; the registered functions only wire config fields into them.
+
+Conventions shared by all estimators:
+
+- Trajectories with ``infra_error`` take no part in any mean or std and get advantage 0.
+- A normalisation set whose values are all equal (a group where every rollout scored the same)
+  gives advantage 0 exactly: it carries no preference, and there is no 0/0.
+- Standard deviations are unbiased (n - 1), as ``torch.std`` in TRL and verl; a set of one value
+  has no spread and gets advantage 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from algos.batch import RolloutBatch, put_on_final_turn, turn_to_tokens
+
+if TYPE_CHECKING:
+    from algos.config import AlgoConfig
+
+__all__ = [
+    "ADVANTAGES",
+    "Advantages",
+    "discounted_cumsum",
+    "gae",
+    "get_advantage",
+    "group_normalize",
+    "masked_whiten",
+    "gtpo_turn_advantages",
+    "grpo_advantages",
+    "register_advantage",
+    "rewards_on_last_tokens",
+    "trajectory_reward",
+    "turn_level_rewards",
+]
+
+
+class Advantages(NamedTuple):
+    """What an estimator returns."""
+
+    tokens: Tensor
+    """float[B, L]: the advantage of every token; 0 off the loss mask."""
+    turns: Tensor | None = None
+    """float[B, T]: the per-turn advantage, for estimators that have one (logging, tests)."""
+    returns: Tensor | None = None
+    """float[B, L]: value-loss targets, for estimators with a critic."""
+
+
+AdvantageFn = Callable[[RolloutBatch, "AlgoConfig", "Tensor | None"], Advantages]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Register ``fn(batch, cfg, values=None) -> Advantages`` under ``name``."""
+
+    def decorator(fn: AdvantageFn) -> AdvantageFn:
+        if name in ADVANTAGES:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ADVANTAGES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    """The estimator registered under ``name``."""
+    try:
+        return ADVANTAGES[name]
+    except KeyError:
+        raise KeyError(f"no advantage estimator {name!r}; known: {sorted(ADVANTAGES)}") from None
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def trajectory_reward(
+    rewards: Tensor, turn_mask: Tensor, mode: str = "sum",
+    accuracy: Tensor | None = None, format: Tensor | None = None,
+) -> Tensor:
+    """One reward per trajectory, ``[B]``, from turn rewards ``[B, T]``.
+
+    ``sum``: sum of the turn rewards. ``min_acc_format`` (the GTPO paper's GRPO baseline,
+    min(accuracy, format)): the format term passes (counts as +inf) when no turn was penalised,
+    else it is the summed penalty; so a trajectory with a format fault gets its penalty whatever
+    its answer, and a clean one gets its accuracy.
+    """
+    if mode == "sum":
+        return (rewards * turn_mask).sum(1)
+    if mode == "min_acc_format":
+        if accuracy is None or format is None:
+            raise ValueError("min_acc_format needs the accuracy and format components")
+        acc = (accuracy * turn_mask).sum(1)
+        fmt = (format * turn_mask).sum(1)
+        return torch.where(fmt < 0, torch.minimum(acc, fmt), acc)
+    raise ValueError(f"unknown trajectory reward mode {mode!r}")
+
+
+def turn_level_rewards(batch: RolloutBatch, turn_rewards: bool, mode: str) -> Tensor:
+    """The ``[B, T]`` rewards an estimator sees: the env's turn rewards, or (turn rewards off)
+    the trajectory reward on the final turn and 0 on the others."""
+    if turn_rewards:
+        return batch.rewards * batch.turn_mask
+    traj = trajectory_reward(batch.rewards, batch.turn_mask, mode, batch.accuracy, batch.format)
+    return put_on_final_turn(traj, batch.turn_mask)
+
+
+def _segment_sum(x: Tensor, seg: Tensor, n: int) -> Tensor:
+    return torch.zeros(n, dtype=x.dtype).index_add_(0, seg, x)
+
+
+def group_normalize(
+    x: Tensor, segments: Tensor, valid: Tensor, scope: str = "group", eps: float = 1e-6,
+) -> Tensor:
+    """Normalise values ``x [N]`` within segments (groups of comparable values).
+
+    ``scope``: ``group`` (x - mean_seg) / (std_seg + eps); ``batch`` (x - mean_seg) /
+    (std_batch + eps), the std over all valid values (Lite PPO); ``none`` x - mean_seg (Dr.GRPO).
+    ``segments`` are any integer ids; entries with ``valid`` False are ignored and get 0, and a
+    segment whose valid values are all equal gets 0. One vectorised pass: no loop over segments.
+    """
+    if scope not in ("group", "batch", "none"):
+        raise ValueError(f"unknown normalisation scope {scope!r}")
+    out = torch.zeros_like(x)
+    if not bool(valid.any()):
+        return out
+    v = x[valid]
+    _, seg = torch.unique(segments[valid], return_inverse=True)
+    n = int(seg.max()) + 1
+    count = _segment_sum(torch.ones_like(v), seg, n)
+    centered = v - (_segment_sum(v, seg, n) / count)[seg]
+    spread = (
+        torch.full((n,), -torch.inf, dtype=v.dtype).scatter_reduce(0, seg, v, "amax")
+        - torch.full((n,), torch.inf, dtype=v.dtype).scatter_reduce(0, seg, v, "amin")
+    )
+    flat = (spread == 0)[seg]
+    if scope == "group":
+        var = _segment_sum(centered**2, seg, n) / (count - 1).clamp(min=1)
+        adv = centered / (var.sqrt() + eps)[seg]
+    elif scope == "batch":
+        adv = centered / (v.std() + eps) if v.numel() > 1 else torch.zeros_like(v)
+    else:
+        adv = centered
+    out[valid] = torch.where(flat, torch.zeros((), dtype=v.dtype), adv)
+    return out
+
+
+def discounted_cumsum(x: Tensor, discount: float, block: int = 64) -> Tensor:
+    """Reverse discounted cumulative sum along the last axis: y_k = sum_{m>=k} d^(m-k) x_m.
+
+    Computed as two small triangular matmuls (within blocks of ``block`` steps, then across
+    blocks with discount d^block), so there is no Python loop over steps and the cost is
+    O(N * block) per row rather than O(N^2).
+    """
+    *lead, n = x.shape
+    k = min(block, max(n, 1))
+    nb = -(-n // k)
+    xb = torch.nn.functional.pad(x, (0, nb * k - n)).reshape(*lead, nb, k)
+    within = xb @ _discount_matrix(discount, k, x.dtype)  # y restricted to each block
+    starts = within[..., 0] @ _discount_matrix(discount**k, nb, x.dtype)  # y at block starts
+    after = torch.nn.functional.pad(starts[..., 1:], (0, 1))  # y at the next block's start
+    tail = discount ** torch.arange(k, 0, -1, dtype=torch.float64)  # d^(k - i)
+    y = within + after[..., None] * tail.to(x.dtype)
+    return y.reshape(*lead, nb * k)[..., :n]
+
+
+def _discount_matrix(d: float, n: int, dtype: torch.dtype) -> Tensor:
+    """U[m, k] = d^(m-k) for m >= k else 0, so (x @ U)_k = sum_{m>=k} d^(m-k) x_m."""
+    i = torch.arange(n, dtype=torch.float64)
+    e = i[:, None] - i[None, :]
+    return torch.where(e >= 0, torch.tensor(d, dtype=torch.float64) ** e.clamp(min=0), 0.0).to(dtype)
+
+
+def grpo_advantages(
+    traj_rewards: Tensor, group_ids: Tensor, valid: Tensor, scope: str = "group",
+    eps: float = 1e-6,
+) -> Tensor:
+    """GRPO: A_i = (R_i - mean_group R) / (std R + eps), ``[B]`` (see :func:`group_normalize`)."""
+    return group_normalize(traj_rewards, group_ids, valid, scope, eps)
+
+
+def gtpo_turn_advantages(
+    rewards: Tensor, turn_mask: Tensor, group_ids: Tensor, valid: Tensor, gamma: float = 0.9,
+    scope: str = "group", eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """GTPO: discounted turn returns and their normalised advantages, both ``[B, T]``.
+
+    R_ij = sum_{m>=j} gamma^(m-j) r_im over trajectory i's own turns. Advantages normalise R over
+    all turns of the group's trajectories (``group``/``batch``/``none`` as in
+    :func:`group_normalize`), or over the group's turns with the same index j (``turn``).
+    Special cases: one turn per trajectory -> GRPO with the same scope; gamma=1 -> R_i1 is the
+    summed reward; gamma=0 -> R_ij = r_ij.
+    """
+    returns = discounted_cumsum(rewards * turn_mask, gamma) * turn_mask
+    entries = turn_mask & valid[:, None]
+    T = rewards.shape[1]
+    segments = group_ids[:, None].expand_as(rewards)
+    if scope == "turn":
+        _, compact = torch.unique(group_ids, return_inverse=True)
+        segments = compact[:, None] * T + torch.arange(T)
+        scope = "group"
+    adv = group_normalize(returns.flatten(), segments.flatten(), entries.flatten(), scope, eps)
+    return returns, adv.view_as(rewards)
+
+
+def rewards_on_last_tokens(turn_rewards: Tensor, turn_index: Tensor, mask: Tensor) -> Tensor:
+    """``[B, L]`` token rewards: each turn's reward on its last token inside ``mask``."""
+    inside = mask & (turn_index >= 0)
+    nxt_index = torch.nn.functional.pad(turn_index[:, 1:], (0, 1), value=-1)
+    nxt_inside = torch.nn.functional.pad(inside[:, 1:], (0, 1), value=False)
+    last = inside & ~(nxt_inside & (nxt_index == turn_index))
+    return torch.where(last, turn_to_tokens(turn_rewards, turn_index), 0.0)
+
+
+def gae(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the tokens where ``mask`` is True.
+
+    The masked tokens of a row are the steps of one episode, in order: tool-output and prompt
+    tokens between two turns are part of the environment's transition, not steps, so the last
+    token of turn j bootstraps from the value of the first token of turn j+1. The step after the
+    last generated token is terminal (value 0): an episode that hit max_turns is not bootstrapped
+    either, since nothing follows it in the task. Returns (advantages, returns), both ``[B, L]``
+    and 0 off the mask; returns = advantages + values are the value-loss targets.
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    steps = mask.sum(1)
+    width = int(steps.max()) if steps.numel() else 0
+    packed = torch.arange(width) < steps[:, None]  # the same tokens, packed to the left
+    v = torch.zeros(mask.shape[0], width + 1, dtype=dtype)
+    r = torch.zeros(mask.shape[0], width, dtype=dtype)
+    v[:, :width][packed] = values[mask].to(dtype)
+    r[packed] = token_rewards[mask].to(dtype)
+    delta = (r + gamma * v[:, 1:] - v[:, :-1]) * packed
+    adv_packed = discounted_cumsum(delta, gamma * lam)
+    adv = torch.zeros(mask.shape, dtype=dtype)
+    ret = torch.zeros(mask.shape, dtype=dtype)
+    adv[mask] = adv_packed[packed]
+    ret[mask] = (adv_packed + v[:, :width])[packed]
+    return adv, ret
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the masked entries; 0 off the mask."""
+    vals = x[mask]
+    if vals.numel() < 2:
+        return torch.zeros_like(x)
+    return torch.where(mask, (x - vals.mean()) / (vals.std() + eps), 0.0)
+
+
+# --------------------------------------------------------------------------- registered
+
+
+@register_advantage("grpo")
+def grpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> Advantages:
+    """GRPO: the trajectory reward's group-normalised advantage on every generated token."""
+    traj = trajectory_reward(batch.rewards, batch.turn_mask, cfg.trajectory_reward,
+                             batch.accuracy, batch.format)
+    adv = grpo_advantages(traj, batch.group_ids, batch.valid, cfg.norm_scope, cfg.adv_eps)
+    turns = torch.where(batch.turn_mask, adv[:, None], 0.0)
+    return Advantages(tokens=turn_to_tokens(turns, batch.turn_index) * batch.loss_mask, turns=turns)
+
+
+@register_advantage("gtpo")
+def gtpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> Advantages:
+    """GTPO: normalised discounted turn returns; turn j's advantage on turn j's tokens."""
+    rewards = turn_level_rewards(batch, cfg.turn_rewards, cfg.trajectory_reward)
+    _, turns = gtpo_turn_advantages(rewards, batch.turn_mask, batch.group_ids, batch.valid,
+                                    cfg.gamma, cfg.norm_scope, cfg.adv_eps)
+    return Advantages(tokens=turn_to_tokens(turns, batch.turn_index) * batch.loss_mask, turns=turns)
+
+
+@register_advantage("gae")
+def gae_estimator(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> Advantages:
+    """PPO: token-level GAE with the critic's values; turn rewards on each turn's last token."""
+    if values is None:
+        raise ValueError("the gae estimator needs the critic's token values [B, L]")
+    rewards = turn_level_rewards(batch, cfg.turn_rewards, cfg.trajectory_reward)
+    token_rewards = rewards_on_last_tokens(rewards, batch.turn_index, batch.loss_mask)
+    adv, ret = gae(token_rewards, values, batch.loss_mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = masked_whiten(adv, batch.loss_mask)
+    return Advantages(tokens=adv, returns=ret)

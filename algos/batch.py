@@ -1,0 +1,177 @@
+"""The batched layout of ragged multi-turn trajectories: the one place that defines it.
+
+A batch holds B trajectories. Trajectory i belongs to the prompt group ``group_ids[i]`` and has
+T_i >= 1 turns (assistant messages); turn j has a reward r_ij and a span of generated tokens in the
+trajectory's token sequence. Two padded views share the same B rows:
+
+Turn level, ``[B, T]`` with T = max_i T_i (padding turns are masked and hold 0)::
+
+    group_ids   long[B]      prompt group; any integers, only equality matters
+    rewards     float[B, T]  r_ij, the env's turn reward (sum of its components)
+    accuracy    float[B, T]  the accuracy component of r_ij (for min(acc, format) and shaping)
+    format      float[B, T]  the format component of r_ij (<= 0: penalties)
+    turn_mask   bool[B, T]   True for j < T_i
+    infra_error bool[B]      the sandbox failed: excluded from statistics, no advantage, no loss
+    correct     bool[B]      the final answer was graded correct
+
+Token level, ``[B, L]`` with L the padded sequence length (prompt, generated turns and tool output
+laid end to end, right-padded)::
+
+    loss_mask   bool[B, L]   True on generated tokens of valid trajectories; prompt, tool-output
+                             and padding tokens are False, and so is every token of an
+                             infra-error trajectory
+    turn_index  long[B, L]   j (0-based) of the turn that generated the token, -1 elsewhere
+
+Position t of every token tensor (logprobs, values, advantages) refers to token t of the sequence:
+``logprobs[b, t] = log pi(token_t | tokens_<t)``; the trainer shifts logits before filling it.
+A turn-level tensor ``x [B, T]`` reaches the tokens with :func:`turn_to_tokens` (a gather), so no
+code loops over tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RolloutBatch",
+    "final_turn_index",
+    "final_turn_value",
+    "put_on_final_turn",
+    "turn_to_tokens",
+]
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Turn- and token-level tensors of B trajectories; see the module docstring for shapes."""
+
+    group_ids: Tensor
+    rewards: Tensor
+    accuracy: Tensor
+    format: Tensor
+    turn_mask: Tensor
+    infra_error: Tensor
+    correct: Tensor
+    loss_mask: Tensor
+    turn_index: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """bool[B]: trajectories that count (not infra errors)."""
+        return ~self.infra_error
+
+    def replace(self, **changes: Tensor) -> RolloutBatch:
+        """A copy with some fields swapped (the batch itself is immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def build(
+        cls,
+        group_ids: Sequence[int],
+        turn_rewards: Sequence[Sequence[float]],
+        turn_spans: Sequence[Sequence[tuple[int, int]]],
+        *,
+        seq_len: int | None = None,
+        infra_error: Sequence[bool] | None = None,
+        correct: Sequence[bool] | None = None,
+        turn_accuracy: Sequence[Sequence[float]] | None = None,
+        turn_format: Sequence[Sequence[float]] | None = None,
+    ) -> RolloutBatch:
+        """Pad per-trajectory records into a batch.
+
+        ``turn_spans[i][j] = (start, end)`` is the half-open range of turn j's generated tokens in
+        trajectory i's sequence; spans are sorted and disjoint (tool output lies between them).
+        ``seq_len`` defaults to the largest span end. Missing ``turn_accuracy``/``turn_format``
+        are zeros; missing ``correct`` is read off the accuracy of the final turn (> 0).
+        """
+        n = len(group_ids)
+        if not (len(turn_rewards) == len(turn_spans) == n):
+            raise ValueError(
+                f"group_ids, turn_rewards and turn_spans differ in length: "
+                f"{n}, {len(turn_rewards)}, {len(turn_spans)}"
+            )
+        n_turns = np.array([len(r) for r in turn_rewards], dtype=np.int64)
+        if any(len(s) != k for s, k in zip(turn_spans, n_turns)):
+            raise ValueError("each trajectory needs one span per turn reward")
+        T = max(1, int(n_turns.max(initial=0)))
+        turn_mask = np.arange(T)[None, :] < n_turns[:, None]
+
+        def pad(rows: Sequence[Sequence[float]] | None, name: str) -> Tensor:
+            out = np.zeros((n, T), dtype=np.float32)
+            if rows is None:
+                return torch.from_numpy(out)
+            if len(rows) != n or any(len(r) != k for r, k in zip(rows, n_turns)):
+                raise ValueError(f"{name} must have one value per turn of each trajectory")
+            out[turn_mask] = np.fromiter((x for r in rows for x in r), np.float32, n_turns.sum())
+            return torch.from_numpy(out)
+
+        spans = np.zeros((n, T, 2), dtype=np.int64)
+        if n_turns.sum():
+            flat = np.array([s for row in turn_spans for s in row], dtype=np.int64).reshape(-1, 2)
+            spans[turn_mask] = flat
+            starts, ends = flat[:, 0], flat[:, 1]
+            if (starts < 0).any() or (ends < starts).any():
+                raise ValueError("turn spans must satisfy 0 <= start <= end")
+        s, e = spans[..., 0], spans[..., 1]
+        if (turn_mask[:, 1:] & (s[:, 1:] < e[:, :-1])).any():
+            raise ValueError("turn spans of a trajectory must be sorted and disjoint")
+        L = int(e.max(initial=0)) if seq_len is None else seq_len
+        if (e > L).any():
+            raise ValueError(f"a turn span ends past seq_len={L}")
+
+        # A token belongs to turn j iff start_j <= t < end_j; at most one j matches.
+        pos = torch.arange(L)
+        inside = (pos >= torch.from_numpy(s)[..., None]) & (pos < torch.from_numpy(e)[..., None])
+        inside &= torch.from_numpy(turn_mask)[..., None]
+        generated = inside.any(1)
+        turn_index = torch.where(generated, inside.to(torch.uint8).argmax(1), -1)
+
+        infra = torch.zeros(n, dtype=torch.bool)
+        if infra_error is not None:
+            infra = torch.as_tensor(list(infra_error), dtype=torch.bool)
+        accuracy = pad(turn_accuracy, "turn_accuracy")
+        tm = torch.from_numpy(turn_mask)
+        if correct is None:
+            correct_t = final_turn_value(accuracy, tm) > 0
+        else:
+            correct_t = torch.as_tensor(list(correct), dtype=torch.bool)
+        return cls(
+            group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
+            rewards=pad(turn_rewards, "turn_rewards"),
+            accuracy=accuracy,
+            format=pad(turn_format, "turn_format"),
+            turn_mask=tm,
+            infra_error=infra,
+            correct=correct_t,
+            loss_mask=generated & ~infra[:, None],
+            turn_index=turn_index,
+        )
+
+
+def turn_to_tokens(x: Tensor, turn_index: Tensor) -> Tensor:
+    """Broadcast a turn-level ``x [B, T]`` to tokens ``[B, L]``: 0 where ``turn_index < 0``."""
+    gathered = x.gather(1, turn_index.clamp(min=0))
+    return torch.where(turn_index >= 0, gathered, torch.zeros((), dtype=x.dtype))
+
+
+def final_turn_index(turn_mask: Tensor) -> Tensor:
+    """long[B]: index of each trajectory's last turn (0 for a trajectory without turns)."""
+    return (turn_mask.sum(1) - 1).clamp(min=0)
+
+
+def final_turn_value(x: Tensor, turn_mask: Tensor) -> Tensor:
+    """``x [B, T]`` read at each trajectory's final turn: ``[B]``."""
+    return x.gather(1, final_turn_index(turn_mask)[:, None]).squeeze(1)
+
+
+def put_on_final_turn(values: Tensor, turn_mask: Tensor) -> Tensor:
+    """A ``[B, T]`` tensor that holds ``values [B]`` on each trajectory's final turn, 0 elsewhere."""
+    out = torch.zeros(turn_mask.shape, dtype=values.dtype)
+    last = final_turn_index(turn_mask)[:, None]
+    return out.scatter(1, last, values[:, None]) * turn_mask
