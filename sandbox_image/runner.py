@@ -21,6 +21,7 @@ PID 1 is killed with kill(-1), daemons the code forked included.
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import select
@@ -41,7 +42,7 @@ import math  # noqa: E402,F401
 import numpy  # noqa: E402,F401
 import sympy  # noqa: E402,F401
 
-WORK_DIR = "/tmp/work"
+WORK_DIR = "/tmp"
 SCRATCH_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
 KERNEL_CTL_FD = 3
 SAVED_STDOUT_FD, SAVED_STDERR_FD = 250, 251
@@ -266,22 +267,62 @@ def wipe_scratch() -> None:
     for root in SCRATCH_DIRS:
         _rmtree_contents(root)
     _remove_sysv_ipc()
-    os.makedirs(WORK_DIR, mode=0o700, exist_ok=True)
 
 
 # --- the kernel (a forked child) -----------------------------------------------------------------
 
 
-def _restore_streams() -> None:
-    """Point fds 0-2 and sys.std* back at the kernel's pipes, whatever the last cell did to them."""
-    import io
+class OutputLimitExceeded(BaseException):
+    """Stops a cell that prints past the cap; a BaseException so ``except Exception`` won't eat it."""
 
+
+class _CappedWriter(io.RawIOBase):
+    """Raw writer over an output fd that stops the cell once ``room`` bytes have gone out."""
+
+    def __init__(self, fd: int, room: int):
+        self.fd: int | None = fd
+        self._room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1 if self.fd is None else self.fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.fd is None:
+            return len(view)  # retired with its cell: a stale buffer flushing at garbage collection
+        n = min(len(view), self._room)
+        self._room -= n
+        rest = view[:n]
+        while rest:
+            rest = rest[os.write(self.fd, rest) :]
+        if n < len(view):
+            raise OutputLimitExceeded
+        return len(view)
+
+
+_writers: list[_CappedWriter] = []
+
+
+def _restore_streams(cap: int) -> None:
+    """Fresh, capped sys.stdout/stderr on the kernel's own pipes, whatever the last cell did.
+
+    Fds 1 and 2 are restored too (a cell may close them). Line-buffered, so what a cell printed
+    before a timeout still reaches the host.
+    """
+    for writer in _writers:
+        writer.fd = None
+    _writers.clear()
     os.dup2(SAVED_STDOUT_FD, 1)
     os.dup2(SAVED_STDERR_FD, 2)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     for fd, name in ((1, "stdout"), (2, "stderr")):
+        writer = _CappedWriter(fd, cap)
+        _writers.append(writer)
         stream = io.TextIOWrapper(
-            io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace"
+            io.BufferedWriter(writer, 8192), "utf-8", "backslashreplace", line_buffering=True
         )
         setattr(sys, name, stream)
 
@@ -297,8 +338,10 @@ def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
     except OSError:
         pass
     mb = 1024 * 1024
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     for rlimit, value in (
-        (resource.RLIMIT_AS, limits["memory_mb"] * mb),
+        (resource.RLIMIT_AS, mapped + limits["memory_mb"] * mb),  # memory_mb on top of the preload
         (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
         (resource.RLIMIT_NOFILE, limits["max_open_files"]),
         (resource.RLIMIT_CORE, 0),
@@ -312,7 +355,6 @@ def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
     os.dup2(err_w, SAVED_STDERR_FD)
     os.closerange(KERNEL_CTL_FD + 1, SAVED_STDOUT_FD)
     os.closerange(SAVED_STDERR_FD + 1, 65536)
-    _restore_streams()
     os.environ.clear()
     os.environ.update(KERNEL_ENV)
     os.chdir(WORK_DIR)
@@ -324,7 +366,10 @@ def _print_exception(exc: BaseException) -> None:
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next  # hide the kernel's own frames; show only the cell's
-    traceback.print_exception(type(exc), exc, tb)
+    try:
+        traceback.print_exception(type(exc), exc, tb)
+    except BaseException:  # noqa: BLE001 - out of memory or output while reporting: status says it
+        pass
 
 
 def _run_cell(source: str, filename: str, namespace: dict) -> str:
@@ -334,21 +379,33 @@ def _run_cell(source: str, filename: str, namespace: dict) -> str:
         compiled = compile(source, filename, "exec")
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         exec(compiled, namespace)
+    except OutputLimitExceeded:
+        return "output_limit"
     except SystemExit as exc:
         if exc.code in (None, 0):
             return "ok"
-        print(f"SystemExit: {exc.code}", file=sys.stderr)
+        _print_exception(exc)
         return "error"
     except MemoryError as exc:
         _print_exception(exc)
         return "memory"
     except BaseException as exc:  # noqa: BLE001 - the cell's failure is its result
-        try:
-            _print_exception(exc)
-        except MemoryError:
-            return "memory"
+        _print_exception(exc)
         return "error"
     return "ok"
+
+
+def _kill_strays() -> None:
+    """Processes a cell started do not outlive it (as in the local backend).
+
+    kill(-1) reaches every process of ours except this one and PID 1; the container holds only
+    this session, so that is exactly what the cell left running.
+    """
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    reap()
 
 
 def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
@@ -366,16 +423,18 @@ def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
         if request is None:
             os._exit(0)
         cell += 1
-        if cell > 1:
-            _restore_streams()
+        _restore_streams(limits["max_output_bytes"])
         status = _run_cell(request["code"], f"<cell {cell}>", namespace)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
+            except OutputLimitExceeded:
+                status = "output_limit" if status == "ok" else status
             except BaseException:  # noqa: BLE001 - a closed stream must not kill the kernel
                 pass
         if os.getpid() != me:
             os._exit(0)  # a child the cell forked fell through to here; only the kernel replies
+        _kill_strays()
         send_frame(KERNEL_CTL_FD, {"status": status})
 
 

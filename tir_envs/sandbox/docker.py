@@ -401,6 +401,27 @@ def _connect():
     return client
 
 
+def unavailable_reason(image: str = DEFAULT_IMAGE) -> str | None:
+    """Why a ``DockerSandbox`` cannot start here (no SDK, no engine, no image), or None if it can.
+
+    Tests use it to skip with a clear reason outside CI and to fail inside it.
+    """
+    try:
+        client = _connect()
+    except SandboxError as exc:
+        return str(exc)
+    try:
+        import docker.errors
+
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            return f"docker image {image!r} not found; build it with sandbox_image/build.sh"
+    finally:
+        client.close()
+    return None
+
+
 def _remove_all(live: set[_Container]) -> None:
     """Remove containers in parallel: each removal waits on the engine for ~0.1-0.5 s."""
     containers = list(live)
