@@ -120,3 +120,31 @@ def save_tiny(path: str | Path, seed: int = 0) -> Path:
     tiny_model(seed, tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def teach(
+    model, pairs: list[tuple[list[int], list[int]]], max_steps: int = 300, lr: float = 3e-3
+):
+    """Fit ``model`` to continue each prompt with its completion (loss on completion ids only),
+    giving tests a tiny model with predictable output, e.g. a turn that ends in a code fence.
+    Stops once the loss is low enough for greedy decoding to reproduce the completions."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.zeros((len(pairs), width), dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(pairs):
+        seq = list(prompt) + list(completion)
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, len(prompt) : len(seq)] = torch.tensor(completion)
+        mask[row, : len(seq)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(max_steps):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if loss.item() < 0.05:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
