@@ -25,8 +25,8 @@ import io
 import json
 import os
 import select
-import shutil
 import signal
+import stat
 import struct
 import sys
 import time
@@ -222,29 +222,29 @@ def kill_all(deadline_s: float = 5.0) -> bool:
         time.sleep(0.001)
 
 
-def _rmtree_contents(root: str) -> None:
-    def force(func, path, _exc):
-        try:
-            os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
-            func(path)
-        except OSError:
-            pass
-
-    handler = {"onexc": force} if sys.version_info >= (3, 12) else {"onerror": force}
+def _remove_tree(path: str) -> None:
+    """Delete a file or directory tree, first giving back any permission the code took away."""
     try:
-        entries = os.listdir(root)
+        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return
-    for name in entries:
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, **handler)
-        else:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+    if not is_dir:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return
+    try:
+        os.chmod(path, 0o700)
+        names = os.listdir(path)
+    except OSError:
+        names = []
+    for name in names:
+        _remove_tree(os.path.join(path, name))
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _remove_sysv_ipc() -> None:
@@ -263,10 +263,18 @@ def _remove_sysv_ipc() -> None:
                 ctl(ipc_id, IPC_RMID, None)
 
 
-def wipe_scratch() -> None:
+def wipe_scratch() -> bool:
+    """Empty /tmp, /dev/shm and SysV IPC for the next session; True if nothing is left."""
+    left = False
     for root in SCRATCH_DIRS:
-        _rmtree_contents(root)
+        try:
+            for name in os.listdir(root):
+                _remove_tree(os.path.join(root, name))
+            left = left or bool(os.listdir(root))
+        except OSError:
+            continue  # e.g. no /dev/mqueue in this container
     _remove_sysv_ipc()
+    return not left
 
 
 # --- the kernel (a forked child) -----------------------------------------------------------------
@@ -401,11 +409,18 @@ def _kill_strays() -> None:
     kill(-1) reaches every process of ours except this one and PID 1; the container holds only
     this session, so that is exactly what the cell left running.
     """
-    try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    reap()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        reap()  # SIGKILL lands asynchronously: our own children need a moment to become zombies
+        try:
+            os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # orphans it left are the runner's to reap
+        time.sleep(0.0005)
 
 
 def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
@@ -601,8 +616,7 @@ def serve(proto_in: int, proto_out: int) -> None:
             if op == "hello":
                 reply = {"ok": True, "facts": isolation_facts()}
             elif op == "open":
-                clean = end_kernel()
-                wipe_scratch()
+                clean = end_kernel() and wipe_scratch()
                 limits = request["limits"]
                 kernel = Kernel(limits)
                 reply = {"ok": clean, "network_filter": kernel.network_filter}
@@ -618,8 +632,7 @@ def serve(proto_in: int, proto_out: int) -> None:
                 reply["fresh_kernel"] = fresh
             elif op == "close":
                 clean = end_kernel()
-                wipe_scratch()
-                reply = {"ok": clean}
+                reply = {"ok": wipe_scratch() and clean}
             else:
                 reply = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception as exc:  # noqa: BLE001 - tell the host; it replaces this container

@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 import weakref
 
 from tir_envs.sandbox.base import (
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "tir-sandbox:latest"
 LABEL = "tir-gym.sandbox"
 OWNER_LABEL = "tir-gym.owner"
+POOL_LABEL = "tir-gym.pool"
 SANDBOX_USER = "10001:10001"
 RUNNER_MEMORY_MB = 256
 """Cgroup headroom above the kernel's own address-space limit: the runner and tmpfs pages."""
@@ -109,7 +111,7 @@ def _force_remove(container) -> None:
 class _Container:
     """One pool container and the framed-JSON channel to its runner."""
 
-    def __init__(self, client, image: str, limits: Limits, tmpfs_mb: int, cpus: float):
+    def __init__(self, client, image: str, limits: Limits, tmpfs_mb: int, cpus: float, pool: str):
         import docker.types
 
         memory = f"{limits.memory_mb + RUNNER_MEMORY_MB}m"
@@ -133,7 +135,7 @@ class _Container:
             security_opt=["no-new-privileges"],
             environment={},
             hostname="sandbox",
-            labels={LABEL: "1", OWNER_LABEL: _owner()},
+            labels={LABEL: "1", OWNER_LABEL: _owner(), POOL_LABEL: pool},
             log_config=docker.types.LogConfig(
                 type="json-file", config={"max-size": "1m", "max-file": "1"}
             ),
@@ -263,6 +265,8 @@ class DockerSandbox(Sandbox):
         self.limits = Limits(**limits)
         self.image = image
         self.pool_size = pool_size
+        self.pool_id = uuid.uuid4().hex[:12]
+        """Value of the ``tir-gym.pool`` label on this sandbox's containers."""
         self._cpus = cpus
         self._tmpfs_mb = max(tmpfs_mb, self.limits.file_size_mb)
         self._client = docker_client or _connect()
@@ -309,7 +313,9 @@ class DockerSandbox(Sandbox):
         return {"op": "open", "limits": dataclasses.asdict(self.limits)}
 
     def _start_container(self) -> _Container:
-        container = _Container(self._client, self.image, self.limits, self._tmpfs_mb, self._cpus)
+        container = _Container(
+            self._client, self.image, self.limits, self._tmpfs_mb, self._cpus, self.pool_id
+        )
         with self._lock:
             closed = self._closed
             if not closed:
@@ -477,8 +483,8 @@ class DockerSession(Session):
                 stderr=f"[sandbox] code of {len(code)} characters exceeds {MAX_CODE_CHARS}\n",
             )
         with self._lock:
-            if self._closed:
-                raise SandboxError("the session is closed")
+            if self._closed or self._sandbox._closed:
+                raise SandboxError("the session or its sandbox is closed")
             status, stdout, stderr = self._run_locked(code, limit, start)
         return ExecResult(status, stdout, stderr, time.monotonic() - start)
 
