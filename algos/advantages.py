@@ -201,8 +201,12 @@ def gtpo_turn_advantages(
     R_ij = sum_{m>=j} gamma^(m-j) r_im over trajectory i's own turns. Advantages normalise R over
     all turns of the group's trajectories (``group``/``batch``/``none`` as in
     :func:`group_normalize`), or over the group's turns with the same index j (``turn``).
-    Special cases: one turn per trajectory -> GRPO with the same scope; gamma=1 -> R_i1 is the
-    summed reward; gamma=0 -> R_ij = r_ij.
+    Special cases: one turn per trajectory -> GRPO with the same scope; gamma=1 -> R_ij is the
+    undiscounted reward-to-go and R_i1 the summed reward; gamma=0 -> R_ij = r_ij. Turn rewards
+    off (the trajectory reward R_i on the final turn) with gamma=1 -> every turn of i carries
+    R_i, so the statistics are GRPO's with each trajectory weighted by its turn count; with T
+    turns each, that is GRPO times sqrt((nT - 1) / (T(n - 1))), the unbiased std counting nT
+    entries instead of n (exactly GRPO for scope none).
     """
     returns = discounted_cumsum(rewards * turn_mask, gamma) * turn_mask
     entries = turn_mask & valid[:, None]

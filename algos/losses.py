@@ -74,9 +74,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax over the last axis: ``[..., V] -> [...]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of the softmax over the last axis, ``[..., V] -> [...]``, in at least float32.
+    Logits of -inf (masked vocabulary) contribute 0, not NaN."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def _token_mean(x: Tensor, mask: Tensor) -> Tensor:

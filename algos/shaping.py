@@ -46,7 +46,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: multiply, keep the high bits
-_SHIFT = np.uint64(32)
 
 
 class CodeSimilarity(Protocol):
@@ -133,6 +132,7 @@ class LexicalSimilarity:
             text = np.where(run_start, 32, text).astype(np.uint8)[~drop]
             doc = doc[~drop]
         wide = text.astype(np.uint64)
+        shift = np.uint64(64 - self.dim.bit_length() + 1)  # keep the top log2(dim) bits
         docs_out, buckets = [], []
         lo, hi = self.ngram_range
         for n in range(lo, hi + 1):
@@ -144,14 +144,14 @@ class LexicalSimilarity:
             for k in range(n):
                 key = key * np.uint64(256) + wide[k:k + m]
             docs_out.append(doc[:m][ok])
-            buckets.append((key[ok] * _GOLDEN) >> _SHIFT)
+            buckets.append((key[ok] * _GOLDEN) >> shift)
         if not docs_out:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         doc_all, bucket_all = np.concatenate(docs_out), np.concatenate(buckets)
         if len(docs_out) > 1:  # keep document order across n-gram sizes
             order = np.argsort(doc_all, kind="stable")
             doc_all, bucket_all = doc_all[order], bucket_all[order]
-        bucket_all = (bucket_all & np.uint64(self.dim - 1)).astype(np.int64)
+        bucket_all = bucket_all.astype(np.int64)
         return torch.from_numpy(doc_all), torch.from_numpy(bucket_all)
 
 
