@@ -1,0 +1,216 @@
+"""Per-kernel cgroups: the process and memory caps that bind even root.
+
+RLIMIT_NPROC does not bind root and RLIMIT_AS does not see tmpfs or page cache, so when the
+sandbox runs as root every kernel gets its own pids + memory cgroup. The groups are made below
+the cgroup we already live in, so any limit placed on us still holds. Each controller is used
+wherever this machine mounts it: cgroup v2 if it is enabled there, else its v1 hierarchy
+(hybrid hosts have both).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+CONTROLLERS = ("pids", "memory")
+PREFIX = "tir-sandbox-"
+
+
+@dataclass(frozen=True)
+class _Controller:
+    name: str
+    base: str
+    """Directory holding this sandbox's kernel groups."""
+    v2: bool
+
+    def limits(self, memory_bytes: int, max_pids: int) -> list[tuple[str, str]]:
+        if self.name == "pids":
+            return [("pids.max", str(max_pids))]
+        if self.v2:
+            return [("memory.max", str(memory_bytes)), ("memory.swap.max", "0")]
+        return [("memory.limit_in_bytes", str(memory_bytes)),
+                ("memory.memsw.limit_in_bytes", str(memory_bytes))]
+
+    def oom_kills(self, group: str) -> int:
+        if self.name != "memory":
+            return 0
+        events = "memory.events" if self.v2 else "memory.oom_control"
+        try:
+            with open(os.path.join(group, events)) as fh:
+                match = re.search(r"^oom_kill (\d+)$", fh.read(), re.M)
+        except OSError:
+            return 0
+        return int(match.group(1)) if match else 0
+
+
+def _mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(mount root, mount point, fstype, super options) of every cgroup filesystem."""
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if tail[0] in ("cgroup", "cgroup2"):
+                found.append((fields[3], fields[4], tail[0], set(tail[2].split(","))))
+    return found
+
+
+def _own_groups() -> dict[str, str]:
+    """controller name (or "" for v2) -> our cgroup path, from /proc/self/cgroup."""
+    groups = {}
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            for name in names.split(",") if names else [""]:
+                groups[name] = path
+    return groups
+
+
+def _join(mount_root: str, mount_point: str, path: str) -> str | None:
+    if not (path + "/").startswith(mount_root.rstrip("/") + "/"):
+        return None  # our group is outside what this mount shows
+    return mount_point + path[len(mount_root.rstrip("/")):]
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(value)
+
+
+def _remove_tree(path: str, attempts: int = 20) -> bool:
+    """rmdir a group and its children, waiting briefly for dying processes to leave."""
+    for attempt in range(attempts):
+        try:
+            for child in os.scandir(path):
+                if child.is_dir(follow_symlinks=False):
+                    _remove_tree(child.path, attempts=1)
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or attempt == attempts - 1:
+                return False
+            time.sleep(0.005)
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class KernelCgroups:
+    """Makes one pids + memory group per kernel under ``<our cgroup>/tir-sandbox-<pid>-<n>``."""
+
+    _serial = itertools.count()
+
+    def __init__(self, memory_bytes: int, max_pids: int):
+        self.memory_bytes, self.max_pids = memory_bytes, max_pids
+        self.controllers: dict[str, _Controller] = {}
+        self.problems: dict[str, str] = {}
+        self._names = itertools.count()
+        tag = f"{PREFIX}{os.getpid()}-{next(self._serial)}"
+        if os.geteuid() != 0:
+            self.problems = {name: "not running as root" for name in CONTROLLERS}
+            return
+        mounts, own = _mounts(), _own_groups()
+        for name in CONTROLLERS:
+            try:
+                self.controllers[name] = self._make_base(name, tag, mounts, own)
+            except OSError as exc:
+                self.problems[name] = str(exc)
+
+    @staticmethod
+    def _make_base(name: str, tag: str, mounts, own: dict[str, str]) -> _Controller:
+        for root, point, fstype, options in mounts:  # v2 first, where the controller is enabled
+            if fstype != "cgroup2" or "" not in own:
+                continue
+            ours = _join(root, point, own[""])
+            if ours is None:
+                continue
+            with open(os.path.join(ours, "cgroup.controllers")) as fh:
+                if name not in fh.read().split():
+                    continue
+            with open(os.path.join(ours, "cgroup.subtree_control")) as fh:
+                if name not in fh.read().split():
+                    _write(os.path.join(ours, "cgroup.subtree_control"), f"+{name}")
+            _sweep_stale(ours)
+            base = os.path.join(ours, tag)
+            os.makedirs(base, exist_ok=True)
+            _write(os.path.join(base, "cgroup.subtree_control"), f"+{name}")
+            return _Controller(name, base, v2=True)
+        for root, point, fstype, options in mounts:
+            if fstype == "cgroup" and name in options and name in own:
+                ours = _join(root, point, own[name])
+                if ours is None:
+                    continue
+                _sweep_stale(ours)
+                base = os.path.join(ours, tag)
+                os.makedirs(base, exist_ok=True)
+                return _Controller(name, base, v2=False)
+        raise OSError(errno.ENOENT, f"no usable {name} cgroup controller is mounted")
+
+    def create(self) -> KernelGroup:
+        """A fresh group per controller with the limits set; the kernel joins it itself."""
+        name = f"k{next(self._names)}"
+        dirs = {}
+        try:
+            for controller in self.controllers.values():
+                path = os.path.join(controller.base, name)
+                os.mkdir(path)
+                dirs[controller.name] = path
+                for filename, value in controller.limits(self.memory_bytes, self.max_pids):
+                    target = os.path.join(path, filename)
+                    if os.path.exists(target):
+                        _write(target, value)
+        except OSError:
+            KernelGroup(self, dirs).remove()
+            raise
+        return KernelGroup(self, dirs)
+
+    def close(self) -> None:
+        for controller in self.controllers.values():
+            if not _remove_tree(controller.base):
+                log.warning("could not remove cgroup %s (processes still inside)", controller.base)
+
+
+def _sweep_stale(parent: str) -> None:
+    """Remove empty groups left by sandboxes whose process died without closing."""
+    for entry in os.scandir(parent):
+        match = re.fullmatch(rf"{PREFIX}(\d+)-\d+", entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            _remove_tree(entry.path, attempts=1)
+
+
+@dataclass
+class KernelGroup:
+    owner: KernelCgroups
+    dirs: dict[str, str]
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [os.path.join(path, "cgroup.procs") for path in self.dirs.values()]
+
+    def oom_killed(self) -> bool:
+        controller = self.owner.controllers.get("memory")
+        return bool(controller and "memory" in self.dirs
+                    and controller.oom_kills(self.dirs["memory"]) > 0)
+
+    def remove(self) -> None:
+        for path in self.dirs.values():
+            if not _remove_tree(path):
+                log.debug("cgroup %s still busy; left for sandbox close", path)
+        self.dirs = {}
