@@ -1,0 +1,482 @@
+"""Problem sources: benchmark files by name, any jsonl/parquet file, and the Hugging Face hub.
+
+Every source yields ``Problem`` records with the gold answer already reduced to the short string
+the grader compares against (GSM8K ``"... #### 72"`` -> ``"72"``, SVAMP ``5.0`` -> ``"5"``,
+MATH-500 LaTeX kept as written). ``ProblemSet`` gives the env index/id lookup (GRPO groups pin one
+problem) and seeded sampling.
+
+Benchmark files are looked up in ``data_dir`` or ``$TIR_DATA_DIR`` as ``<name>.jsonl`` or
+``<name>.parquet``; when neither exists the hub is tried if the optional ``datasets`` package
+(the ``hub`` extra) is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+from tir_envs.grading import last_boxed
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "TIR_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One math problem; only ``question`` is ever shown to the model."""
+
+    id: str
+    """Stable and unique within its source, e.g. ``math500/test/precalculus/807.json``, ``gsm8k/17``."""
+    question: str
+    answer: str
+    """Gold answer as a short string ready for ``grading.grade``."""
+    source: str
+    """``math500`` | ``aime24`` | ``amc23`` | ``gsm8k`` | ``svamp`` | ``procedural`` | ``file``."""
+    meta: dict = field(default_factory=dict, hash=False)
+    """Subject, level, reference solution...: for analysis, never shown to the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer extraction
+# ----------------------------------------------------------------------------------------------
+
+
+def canonical_number(value: Any) -> str:
+    """A number as the shortest exact string: ``5.0`` -> ``"5"``, ``"033"`` -> ``"33"``, ``"2,125"`` -> ``"2125"``.
+
+    Strings that are not plain numbers are returned stripped but otherwise unchanged.
+    """
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value).strip()
+    plain = text.replace(",", "") if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", text) else text
+    if re.fullmatch(r"[+-]?\d+", plain):
+        return str(int(plain))
+    if re.fullmatch(r"[+-]?\d*\.\d+", plain):
+        return canonical_number(float(plain)) if float(plain).is_integer() else plain
+    return text
+
+
+def answer_after_hashes(value: Any) -> str:
+    """GSM8K style: the worked solution ends with ``#### <answer>``."""
+    text = str(value)
+    if "####" not in text:
+        raise ValueError(f"no '####' answer marker in {text[:80]!r}")
+    return canonical_number(text.rsplit("####", 1)[1].strip())
+
+
+def answer_from_solution(value: Any) -> str:
+    """MATH style: the answer is the last ``\\boxed{}`` of a worked solution."""
+    boxed = last_boxed(str(value))
+    if boxed is None:
+        raise ValueError(f"no \\boxed{{}} answer in solution {str(value)[:80]!r}")
+    return boxed.strip()
+
+
+def latex_answer(value: Any) -> str:
+    """A LaTeX answer used as written (MATH-500): ``58,500`` or ``1,-2`` are the grader's business."""
+    return str(value).strip()
+
+
+def _auto_answer(value: Any) -> str:
+    """Answer of an unknown schema: numbers, ``#### n`` solutions, boxed solutions, or the text itself."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return canonical_number(value)
+    text = str(value)
+    if "####" in text:
+        return answer_after_hashes(text)
+    if "\\boxed" in text or "\\fbox" in text:
+        return answer_from_solution(text)
+    return canonical_number(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Record -> Problem
+# ----------------------------------------------------------------------------------------------
+
+
+def _join_body_and_question(body: str, question: str) -> str:
+    """SVAMP splits the story (``Body``) from the question; many bodies lack a final period."""
+    body, question = body.strip(), question.strip()
+    if not body:
+        return question
+    separator = " " if body[-1] in ".!?:;," else ". "
+    return f"{body}{separator}{question}"
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Where a schema keeps the question, answer and id; ``question`` may name two fields to join."""
+
+    question: tuple[str, ...]
+    answer: str
+    id: str | None = None
+    answer_extractor: Callable[[Any], str] = _auto_answer
+    meta: tuple[str, ...] = ()
+
+    def to_problem(self, record: Mapping[str, Any], index: int, source: str) -> Problem:
+        missing = [name for name in (*self.question, self.answer) if name not in record]
+        if missing:
+            raise KeyError(f"record {index} has no field(s) {missing}; it has {sorted(record)}")
+        parts = [str(record[name]) for name in self.question]
+        question = parts[0] if len(parts) == 1 else _join_body_and_question(*parts)
+        raw_id = record.get(self.id) if self.id else None
+        local_id = str(raw_id) if raw_id is not None else str(index)
+        try:
+            answer = self.answer_extractor(record[self.answer])
+        except ValueError as exc:
+            raise ValueError(f"record {index} ({source}/{local_id}): {exc}") from exc
+        meta = {name: record[name] for name in self.meta if name in record}
+        return Problem(
+            id=f"{source}/{local_id}", question=question, answer=answer, source=source, meta=meta
+        )
+
+
+# Common schemas, most specific first: (question fields, answer field, answer extractor).
+_KNOWN_QUESTIONS: tuple[tuple[str, ...], ...] = (
+    ("Body", "Question"),
+    ("problem",),
+    ("question",),
+    ("Question",),
+    ("Problem",),
+    ("prompt",),
+)
+_KNOWN_ANSWERS: tuple[tuple[str, Callable[[Any], str]], ...] = (
+    ("answer", _auto_answer),
+    ("Answer", _auto_answer),
+    ("final_answer", _auto_answer),
+    ("gold", _auto_answer),
+    ("solution", answer_from_solution),
+    ("Solution", answer_from_solution),
+)
+_KNOWN_IDS = ("id", "unique_id", "ID", "Id", "problem_id", "idx")
+
+
+def detect_fields(
+    columns: Iterable[str],
+    *,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+) -> FieldMap:
+    """The ``FieldMap`` for a schema, from explicit names or the common conventions above."""
+    columns = list(columns)
+    if question_field is not None:
+        question = tuple(question_field.split("+"))
+    else:
+        question = next((q for q in _KNOWN_QUESTIONS if all(c in columns for c in q)), None)
+    if answer_field is not None:
+        answer = next(((a, x) for a, x in _KNOWN_ANSWERS if a == answer_field), None)
+        answer = answer or (answer_field, _auto_answer)
+    else:
+        answer = next(((a, x) for a, x in _KNOWN_ANSWERS if a in columns), None)
+    if question is None or answer is None:
+        raise ValueError(
+            f"cannot tell which fields hold the question and the answer among {columns}; "
+            "pass question_field= and answer_field= (question_field may be 'Body+Question')"
+        )
+    for name in (*question, answer[0]):
+        if name not in columns:
+            raise ValueError(f"field {name!r} not in the file's fields {columns}")
+    ident = id_field if id_field is not None else next((i for i in _KNOWN_IDS if i in columns), None)
+    if ident is not None and ident not in columns:
+        raise ValueError(f"id field {ident!r} not in the file's fields {columns}")
+    used = {*question, answer[0], ident}
+    meta = tuple(c for c in columns if c not in used)
+    return FieldMap(question, answer[0], ident, answer[1], meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` (or ``.json`` list) or ``.parquet`` file as dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"problem file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            return list(json.loads(text))
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        return records
+    raise ValueError(f"unsupported problem file type {suffix!r} ({path}); use .jsonl or .parquet")
+
+
+def _problems_from_records(
+    records: Sequence[Mapping[str, Any]], fields: FieldMap, source: str
+) -> list[Problem]:
+    problems = [fields.to_problem(record, index, source) for index, record in enumerate(records)]
+    _check_unique_ids(problems)
+    return problems
+
+
+def _check_unique_ids(problems: Sequence[Problem]) -> None:
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.id in seen:
+            raise ValueError(f"duplicate problem id {problem.id!r}; pass a unique id_field")
+        seen.add(problem.id)
+
+
+def load_file(
+    path: str | Path,
+    *,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    source: str = "file",
+) -> list[Problem]:
+    """Problems from a user's jsonl/parquet file; fields are auto-detected unless named.
+
+    Recognized: question in ``problem`` / ``question`` / ``Question`` (joined with ``Body`` when
+    present) / ``Problem`` / ``prompt``; answer in ``answer`` / ``Answer`` / ``final_answer`` /
+    ``gold`` (numbers, ``#### n`` and boxed solutions are reduced) or the last ``\\boxed{}`` of
+    ``solution``; id in ``id`` / ``unique_id`` / ``ID`` / ``problem_id`` / ``idx``, else the row
+    number. ``question_field="Body+Question"`` joins two fields.
+    """
+    records = read_records(path)
+    if not records:
+        raise ValueError(f"no problems in {path}")
+    columns = list(records[0])
+    fields = detect_fields(
+        columns, question_field=question_field, answer_field=answer_field, id_field=id_field
+    )
+    return _problems_from_records(records, fields, source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """How to find one benchmark locally and on the hub, and how to read its records."""
+
+    name: str
+    file_stem: str
+    hub_id: str
+    hub_split: str
+    fields: FieldMap
+    hub_config: str | None = None
+    hub_fields: FieldMap | None = None
+    """Field mapping of the hub copy when it differs from the local file's."""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "math500": BenchmarkSpec(
+        name="math500",
+        file_stem="math500",
+        hub_id="HuggingFaceH4/MATH-500",
+        hub_split="test",
+        fields=FieldMap(
+            ("problem",), "answer", "unique_id", latex_answer, ("subject", "level", "solution")
+        ),
+    ),
+    "aime24": BenchmarkSpec(
+        name="aime24",
+        file_stem="aime24",
+        hub_id="HuggingFaceH4/aime_2024",
+        hub_split="train",
+        fields=FieldMap(("problem",), "answer", "id", canonical_number, ("url", "solution", "year")),
+    ),
+    "amc23": BenchmarkSpec(
+        name="amc23",
+        file_stem="amc23",
+        hub_id="math-ai/amc23",
+        hub_split="test",
+        fields=FieldMap(("question",), "answer", "id", canonical_number, ("url",)),
+    ),
+    "gsm8k": BenchmarkSpec(
+        name="gsm8k",
+        file_stem="gsm8k",
+        hub_id="openai/gsm8k",
+        hub_config="main",
+        hub_split="test",
+        fields=FieldMap(("question",), "answer", "idx", answer_after_hashes),
+        # The hub rows have no idx: the row number is the id, matching the local file's idx.
+        hub_fields=FieldMap(("question",), "answer", None, answer_after_hashes),
+    ),
+    "svamp": BenchmarkSpec(
+        name="svamp",
+        file_stem="svamp",
+        hub_id="ChilleD/SVAMP",
+        hub_split="train+test",
+        fields=FieldMap(("Body", "Question"), "Answer", "ID", canonical_number, ("Type", "Equation")),
+    ),
+}
+
+_ALIASES = {"math": "math500", "aime": "aime24", "aime2024": "aime24", "amc": "amc23", "amc2023": "amc23"}
+
+
+def benchmark_spec(name: str) -> BenchmarkSpec:
+    """The spec for a benchmark name; accepts ``MATH-500``, ``math_500``, ``AIME2024``..."""
+    key = re.sub(r"[\s_\-]", "", name.lower())
+    key = _ALIASES.get(key, key)
+    if key not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
+    return BENCHMARKS[key]
+
+
+def _hub_allowed() -> bool:
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return not any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in offline)
+
+
+def _load_from_hub(spec: BenchmarkSpec) -> list[Problem]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("the 'datasets' package is not installed (pip install 'tir-gym[hub]')") from exc
+    dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
+    records = list(dataset)
+    fields = spec.hub_fields or spec.fields
+    if records and not all(name in records[0] for name in (*fields.question, fields.answer)):
+        # Hub copies get re-uploaded with renamed columns; read them like any user file.
+        logger.warning("%s on the hub has fields %s; auto-detecting", spec.hub_id, sorted(records[0]))
+        fields = detect_fields(records[0])
+    return _problems_from_records(records, fields, spec.name)
+
+
+def load_benchmark(
+    name: str, data_dir: str | Path | None = None, *, from_hub: bool | None = None
+) -> list[Problem]:
+    """The problems of a named benchmark.
+
+    Args:
+        name: ``math500``, ``aime24``, ``amc23``, ``gsm8k`` or ``svamp`` (spelling variants accepted).
+        data_dir: directory holding ``<name>.jsonl`` or ``<name>.parquet``; defaults to
+            ``$TIR_DATA_DIR``.
+        from_hub: ``True`` loads from the Hugging Face hub only, ``False`` never touches it,
+            ``None`` (default) uses a local file when there is one and the hub otherwise (unless
+            ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set).
+    """
+    spec = benchmark_spec(name)
+    if from_hub:
+        return _load_from_hub(spec)
+    directory = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    tried: list[str] = []
+    if directory:
+        for suffix in (".jsonl", ".parquet"):
+            path = Path(directory) / f"{spec.file_stem}{suffix}"
+            if path.is_file():
+                return _problems_from_records(read_records(path), spec.fields, spec.name)
+            tried.append(str(path))
+    where = f"looked for {' and '.join(tried)}" if tried else f"no data_dir given and ${DATA_DIR_ENV} is unset"
+    hub_note = "hub disabled (from_hub=False)"
+    if from_hub is None and _hub_allowed():
+        try:
+            problems = _load_from_hub(spec)
+        except Exception as exc:  # noqa: BLE001 - any hub failure becomes part of one clear error
+            hub_note = f"hub {spec.hub_id!r} failed: {type(exc).__name__}: {exc}"
+        else:
+            logger.info("loaded %s from the hub (%s)", spec.name, spec.hub_id)
+            return problems
+    elif from_hub is None:
+        hub_note = "hub disabled (HF offline mode)"
+    raise FileNotFoundError(
+        f"benchmark {spec.name!r} not found: {where}. Put {spec.file_stem}.jsonl or "
+        f"{spec.file_stem}.parquet in a directory and set {DATA_DIR_ENV} (or pass data_dir=); "
+        f"{hub_note}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# ProblemSet
+# ----------------------------------------------------------------------------------------------
+
+
+class ProblemSet(Sequence[Problem]):
+    """An ordered, immutable set of problems with lookup by id or index and seeded sampling."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self._problems: tuple[Problem, ...] = tuple(problems)
+        if not self._problems:
+            raise ValueError("a ProblemSet needs at least one problem")
+        _check_unique_ids(self._problems)
+        self._index_by_id = {problem.id: i for i, problem in enumerate(self._problems)}
+
+    @classmethod
+    def from_benchmark(cls, name: str, data_dir: str | Path | None = None, **kwargs) -> ProblemSet:
+        return cls(load_benchmark(name, data_dir, **kwargs))
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs) -> ProblemSet:
+        return cls(load_file(path, **kwargs))
+
+    def __len__(self) -> int:
+        return len(self._problems)
+
+    @overload
+    def __getitem__(self, index: int) -> Problem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ProblemSet: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ProblemSet(self._problems[index])
+        return self._problems[index]
+
+    def __contains__(self, item: object) -> bool:
+        if isinstance(item, str):
+            return item in self._index_by_id
+        return item in self._problems
+
+    def index_of(self, problem_id: str) -> int:
+        try:
+            return self._index_by_id[problem_id]
+        except KeyError:
+            examples = ", ".join(repr(p.id) for p in self._problems[:3])
+            raise KeyError(f"no problem with id {problem_id!r} (ids look like {examples})") from None
+
+    def get(self, problem_id_or_index: str | int) -> Problem:
+        """By id (``"gsm8k/17"``) or by position (``17``, numpy integers too)."""
+        if isinstance(problem_id_or_index, str):
+            return self._problems[self.index_of(problem_id_or_index)]
+        try:
+            index = int(problem_id_or_index)  # accepts numpy integers
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"problem ids are str and indices int, got {type(problem_id_or_index).__name__}"
+            ) from None
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"problem index {index} out of range for {len(self)} problems")
+        return self._problems[index]
+
+    def sample(self, np_random) -> Problem:
+        """A uniformly random problem drawn from a ``numpy.random.Generator`` (the env's ``np_random``)."""
+        return self._problems[int(np_random.integers(len(self._problems)))]
+
+    @property
+    def ids(self) -> list[str]:
+        return [problem.id for problem in self._problems]
+
+    def __repr__(self) -> str:
+        sources = sorted({problem.source for problem in self._problems})
+        return f"ProblemSet({len(self)} problems from {', '.join(sources)})"
