@@ -11,7 +11,7 @@ One request, one reply:
 
   {"op": "hello"}                      -> facts about the isolation, measured from inside
   {"op": "open", "limits": {...}}      -> a fresh kernel for a new session
-  {"op": "run", "code", "timeout", "max_output"} -> {"status", "stdout", "stderr", ...}
+  {"op": "run", "code", "timeout"}     -> {"status", "stdout", "stderr", "exec_s", "ok"}
   {"op": "close"}                      -> kill every process but this one, wipe scratch space
 
 A container hosts one session at a time, so on close or after a kernel fault everything except
@@ -326,11 +326,11 @@ def _restore_streams(cap: int) -> None:
     os.dup2(SAVED_STDOUT_FD, 1)
     os.dup2(SAVED_STDERR_FD, 2)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    for fd, name in ((1, "stdout"), (2, "stderr")):
+    for fd, name, errors in ((1, "stdout", "surrogatepass"), (2, "stderr", "backslashreplace")):
         writer = _CappedWriter(fd, cap)
         _writers.append(writer)
         stream = io.TextIOWrapper(
-            io.BufferedWriter(writer, 8192), "utf-8", "backslashreplace", line_buffering=True
+            io.BufferedWriter(writer, 8192), "utf-8", errors, line_buffering=True
         )
         setattr(sys, name, stream)
 
@@ -516,32 +516,39 @@ class Kernel:
             data += chunk
         return bytes(data)
 
-    def _death(self, oom_before: int | None) -> tuple[str, str]:
-        """Status and message for a kernel that vanished mid-run."""
+    def _death(self, oom_before: int | None, limits: dict) -> tuple[str, str]:
+        """Status and message for a kernel that vanished mid-cell (wording as the local backend)."""
         try:
             _, wait_status = os.waitpid(self.pid, 0)
         except ChildProcessError:
-            return "error", "the kernel died"
-        if not os.WIFSIGNALED(wait_status):
-            return "error", f"the kernel exited with code {os.WEXITSTATUS(wait_status)}"
+            return "infra_error", "SandboxError: the kernel vanished"
+        if os.WIFEXITED(wait_status):
+            code = os.WEXITSTATUS(wait_status)
+            return ("ok" if code == 0 else "error"), f"The kernel process exited with code {code}."
         sig = os.WTERMSIG(wait_status)
+        oom_after = _oom_kills()
+        oom = oom_after > oom_before if oom_before is not None and oom_after is not None else None
+        if sig == signal.SIGKILL and oom is not False:  # counted, or no counter to ask
+            return "memory", (
+                f"MemoryError: the kernel exceeded its {limits['memory_mb']} MB memory limit "
+                "and was killed"
+            )
+        if sig == signal.SIGXCPU:
+            return "timeout", (
+                f"TimeoutError: the kernel used up its CPU time limit ({limits['cpu_s']} s) "
+                "and was killed"
+            )
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = str(sig)
-        oom_after = _oom_kills()
-        if oom_before is not None and oom_after is not None and oom_after > oom_before:
-            return "memory", "the kernel was killed: out of memory"
-        if sig == signal.SIGXCPU:
-            return "timeout", "the kernel was killed: CPU time limit reached"
-        if sig == signal.SIGKILL and oom_before is None:
-            return "memory", "the kernel was killed (SIGKILL), most likely out of memory"
-        return "error", f"the kernel died from signal {name}"
+        return "error", f"KernelDied: the kernel was killed by {name}"
 
-    def run(self, code: str, timeout: float, max_output: int) -> tuple[dict, bool]:
+    def run(self, code: str, timeout: float, limits: dict) -> tuple[dict, bool]:
         """Run one cell; returns the reply and whether the kernel survived."""
+        max_output = limits["max_output_bytes"]
         for fd in (self.out_r, self.err_r):
-            self._drain(fd, MAX_FRAME)  # what a background process wrote between cells
+            self._drain(fd, MAX_FRAME)  # what a background thread wrote between cells
         oom_before = _oom_kills()
         start = time.monotonic()
         deadline = start + timeout
@@ -555,7 +562,11 @@ class Kernel:
         while status is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                status, note, alive = "timeout", f"timed out after {timeout:g} s", False
+                status, alive = "timeout", False
+                note = (
+                    f"TimeoutError: the cell ran longer than {timeout:g} s and was killed "
+                    "with everything it started"
+                )
                 break
             watched = [self.ctl, self.out_r, self.err_r, self.pidfd]
             ready, _, _ = select.select(watched, [], [], remaining)
@@ -565,29 +576,33 @@ class Kernel:
                     seen += len(chunk)
                     buffers[fd] += chunk[: max(0, max_output + 1 - len(buffers[fd]))]
             if seen > OUTPUT_KILL_FACTOR * max_output:
-                status, note, alive = "output_limit", "output kept coming; kernel killed", False
+                status, alive = "output_limit", False
+                note = (
+                    f"OutputLimit: the cell kept writing past {max_output} bytes and was killed "
+                    "with everything it started"
+                )
                 break
             reply = recv_frame(self.ctl.fileno()) if self.ctl in ready else None
             if reply is not None:
                 status = reply["status"]
             elif self.ctl in ready or self.pidfd in ready:
-                (status, note), alive = self._death(oom_before), False
+                (status, note), alive = self._death(oom_before, limits), False
         if alive:
             for fd in (self.out_r, self.err_r):
                 buffers[fd] += self._drain(fd)[: max(0, max_output + 1 - len(buffers[fd]))]
         stdout, stderr = bytes(buffers[self.out_r]), bytes(buffers[self.err_r])
         if len(stdout) > max_output or len(stderr) > max_output:
-            if status in ("ok", "error"):
-                status = "output_limit"
+            status = "output_limit" if status == "ok" else status
             stdout, stderr = stdout[:max_output], stderr[:max_output]
+        text = stderr.decode("utf-8", "replace")
+        if not alive:
+            note += "\nThe kernel restarts on the next run: variables from earlier runs are gone."
         if note:
-            if stderr and not stderr.endswith(b"\n"):
-                stderr += b"\n"
-            stderr += f"[sandbox] {note}\n".encode()
+            text = f"{text}\n{note.strip()}\n" if text else f"{note.strip()}\n"
         return {
             "status": status,
             "stdout": stdout.decode("utf-8", "replace"),
-            "stderr": stderr.decode("utf-8", "replace"),
+            "stderr": text,
             "exec_s": time.monotonic() - start,
         }, alive
 
@@ -623,13 +638,11 @@ def serve(proto_in: int, proto_out: int) -> None:
             elif op == "run":
                 if kernel is not None and kernel.exited():
                     end_kernel()
-                fresh = kernel is None
                 if kernel is None:
                     kill_all()
                     kernel = Kernel(limits)
-                reply, alive = kernel.run(request["code"], request["timeout"], request["max_output"])
+                reply, alive = kernel.run(request["code"], request["timeout"], limits)
                 reply["ok"] = True if alive else end_kernel()
-                reply["fresh_kernel"] = fresh
             elif op == "close":
                 clean = end_kernel()
                 reply = {"ok": wipe_scratch() and clean}

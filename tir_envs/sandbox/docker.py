@@ -85,7 +85,8 @@ def remove_leftovers(client, everything: bool = False) -> int:
     """
     host = socket.gethostname()
     removed = 0
-    for container in client.containers.list(all=True, filters={"label": LABEL}):
+    found = client.containers.list(all=True, filters={"label": LABEL}, ignore_removed=True)
+    for container in found:
         owner_host, _, owner_pid = container.labels.get(OWNER_LABEL, "").rpartition("/")
         stale = owner_host == host and owner_pid.isdigit() and not _pid_alive(int(owner_pid))
         if everything or stale:
@@ -111,11 +112,36 @@ def _force_remove(container) -> None:
 class _Container:
     """One pool container and the framed-JSON channel to its runner."""
 
-    def __init__(self, client, image: str, limits: Limits, tmpfs_mb: int, cpus: float, pool: str):
+    def __init__(self, client, image: str, limits: Limits, tmp_mb: int, cpus: float, pool: str):
+        import docker.errors
+
+        try:
+            self.container = self._create(client, image, limits, tmp_mb, cpus, pool)
+        except docker.errors.DockerException as exc:
+            raise _ContainerFault(f"could not create a container: {exc}") from exc
+        try:
+            attached = client.api.attach_socket(
+                self.container.id,
+                params={"stdin": 1, "stdout": 1, "stream": 1, "detachKeys": "ctrl-@"},
+            )
+            self._sock: socket.socket = getattr(attached, "_sock", attached)
+            self._attached = attached  # keeps the hijacked HTTP response alive
+            self._raw = bytearray()  # docker's multiplexed stream, not yet demultiplexed
+            self._out = bytearray()  # the runner's stdout
+            self.container.start()
+            self.facts = self.request({"op": "hello"}, time.monotonic() + START_TIMEOUT_S)["facts"]
+        except BaseException as exc:
+            self.remove()
+            if isinstance(exc, docker.errors.DockerException):
+                raise _ContainerFault(f"could not start a container: {exc}") from exc
+            raise
+
+    @staticmethod
+    def _create(client, image: str, limits: Limits, tmp_mb: int, cpus: float, pool: str):
         import docker.types
 
         memory = f"{limits.memory_mb + RUNNER_MEMORY_MB}m"
-        self.container = client.containers.create(
+        return client.containers.create(
             image,
             # detach=False + stdin_open sets StdinOnce: when this process dies its attach closes,
             # the runner reads EOF and exits, and auto_remove deletes the container.
@@ -125,7 +151,7 @@ class _Container:
             user=SANDBOX_USER,
             network_mode="none",
             read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={tmpfs_mb}m,mode=1777"},
+            tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={tmp_mb}m,mode=1777"},
             shm_size=16 * 1024 * 1024,
             mem_limit=memory,
             memswap_limit=memory,
@@ -141,20 +167,6 @@ class _Container:
             ),
             auto_remove=True,
         )
-        try:
-            attached = client.api.attach_socket(
-                self.container.id,
-                params={"stdin": 1, "stdout": 1, "stream": 1, "detachKeys": "ctrl-@"},
-            )
-            self._sock: socket.socket = getattr(attached, "_sock", attached)
-            self._attached = attached  # keeps the hijacked HTTP response alive
-            self._raw = bytearray()  # docker's multiplexed stream, not yet demultiplexed
-            self._out = bytearray()  # the runner's stdout
-            self.container.start()
-            self.facts = self.request({"op": "hello"}, time.monotonic() + START_TIMEOUT_S)["facts"]
-        except BaseException:
-            self.remove()
-            raise
 
     @property
     def short_id(self) -> str:
@@ -244,11 +256,15 @@ def _isolation(facts: dict, network_filter: bool, container) -> Isolation:
 
 
 class DockerSandbox(Sandbox):
-    """A warm pool of hardened containers; each ``session()`` leases one for its lifetime.
+    """A warm pool of hardened containers; each session leases one for its lifetime.
 
-    ``pool_size`` containers are kept started and idle so a new session costs only a kernel fork.
-    More concurrent sessions than that start extra containers on demand (about a second each);
-    those are removed again when their session ends and the pool is full.
+    ``pool_size`` containers are kept started and idle, so a new session costs one kernel fork.
+    More concurrent sessions than that start extra containers on demand (about a second each),
+    removed again when their session ends and the pool is full.
+
+    Keyword arguments are the fields of ``Limits`` (or pass ``limits=``), plus: ``cpus`` per
+    container; ``tmp_size_mb`` for its /tmp tmpfs (default 4 x ``file_size_mb``);
+    ``require_isolation`` to raise ``SandboxError`` unless every layer is active.
     """
 
     def __init__(
@@ -256,46 +272,79 @@ class DockerSandbox(Sandbox):
         image: str = DEFAULT_IMAGE,
         pool_size: int = 2,
         *,
+        limits: Limits | None = None,
         cpus: float = 1.0,
-        tmpfs_mb: int = 64,
+        tmp_size_mb: int | None = None,
         require_isolation: bool = False,
-        docker_client=None,
-        **limits,
+        **limit_overrides,
     ):
-        self.limits = Limits(**limits)
+        self.limits = dataclasses.replace(limits or Limits(), **limit_overrides)
+        for field in dataclasses.fields(Limits):
+            if not getattr(self.limits, field.name) > 0:
+                raise ValueError(f"{field.name} must be positive")
+        if pool_size < 0:
+            raise ValueError("pool_size must be >= 0")
+        self._options = dict(
+            image=image,
+            pool_size=pool_size,
+            limits=self.limits,
+            cpus=cpus,
+            tmp_size_mb=tmp_size_mb,
+            require_isolation=require_isolation,
+        )
         self.image = image
         self.pool_size = pool_size
         self.pool_id = uuid.uuid4().hex[:12]
         """Value of the ``tir-gym.pool`` label on this sandbox's containers."""
+        self.tmp_size_mb = tmp_size_mb or 4 * self.limits.file_size_mb
         self._cpus = cpus
-        self._tmpfs_mb = max(tmpfs_mb, self.limits.file_size_mb)
-        self._client = docker_client or _connect()
+        self._client = _connect()
         self._check_image()
         self._lock = threading.Lock()
         self._idle: list[_Container] = []
         self._live: set[_Container] = set()
+        self._sessions: weakref.WeakSet[DockerSession] = weakref.WeakSet()
         self._refiller: threading.Thread | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _remove_all, self._live)
+        _live_sandboxes.add(self)
         remove_leftovers(self._client)
-
-        probe = self._start_container()
         try:
-            opened = probe.request(self._open_message(), time.monotonic() + START_TIMEOUT_S)
-            probe.container.reload()
-            self.isolation = _isolation(probe.facts, opened.get("network_filter", False), probe.container)
-            probe.request({"op": "close"}, time.monotonic() + CONTROL_TIMEOUT_S)
-        except _ContainerFault as exc:
+            self.isolation = self._probe()
+        except BaseException:
             self.close()
-            raise SandboxError(f"the sandbox container did not start properly: {exc}") from exc
+            raise
         missing = self.isolation.missing
         if missing and require_isolation:
             self.close()
-            raise SandboxError(f"isolation layers unavailable: {', '.join(missing)}")
+            raise SandboxError(f"isolation required but missing: {', '.join(missing)}")
         if missing:
             log.warning("docker sandbox runs without: %s", ", ".join(missing))
-        self._release(probe)
         self._refill()
+
+    # --- public ----------------------------------------------------------------------------------
+
+    def session(self) -> DockerSession:
+        if self._closed:
+            raise SandboxError("this sandbox is closed")
+        session = DockerSession(self)
+        self._sessions.add(session)
+        return session
+
+    def close(self) -> None:
+        """Remove every container this sandbox started, leased ones included."""
+        with self._lock:
+            self._closed = True
+            self._idle.clear()
+            refiller = self._refiller
+        if refiller is not None and refiller is not threading.current_thread():
+            refiller.join(timeout=START_TIMEOUT_S)  # it removes what it was starting
+        _remove_all(self._live)
+        _live_sandboxes.discard(self)
+
+    def __reduce__(self):
+        """Pickles as its configuration: a worker process (AsyncVectorEnv) gets its own pool."""
+        return (_restore_sandbox, (self._options,))
 
     # --- pool ------------------------------------------------------------------------------------
 
@@ -309,12 +358,29 @@ class DockerSandbox(Sandbox):
                 f"docker image {self.image!r} not found; build it with sandbox_image/build.sh"
             ) from exc
 
+    def _probe(self) -> Isolation:
+        """Start the first container, open and close a kernel in it, and read off the layers."""
+        try:
+            probe = self._start_container()
+            opened = probe.request(self._open_message(), time.monotonic() + START_TIMEOUT_S)
+            if not opened.get("ok"):
+                raise _ContainerFault(opened.get("error", "the first kernel did not start"))
+            probe.container.reload()
+            isolation = _isolation(probe.facts, opened["network_filter"], probe.container)
+            probe.request({"op": "close"}, time.monotonic() + CONTROL_TIMEOUT_S)
+        except _ContainerFault as exc:
+            raise SandboxError(f"the sandbox container did not start properly: {exc}") from exc
+        self._release(probe)
+        return isolation
+
     def _open_message(self) -> dict:
         return {"op": "open", "limits": dataclasses.asdict(self.limits)}
 
     def _start_container(self) -> _Container:
+        if self._client is None:  # first use in a forked child
+            self._client = _connect()
         container = _Container(
-            self._client, self.image, self.limits, self._tmpfs_mb, self._cpus, self.pool_id
+            self._client, self.image, self.limits, self.tmp_size_mb, self._cpus, self.pool_id
         )
         with self._lock:
             closed = self._closed
@@ -322,14 +388,14 @@ class DockerSandbox(Sandbox):
                 self._live.add(container)
         if closed:
             container.remove()
-            raise SandboxError("the sandbox is closed")
+            raise SandboxError("this sandbox is closed")
         log.debug("started sandbox container %s", container.short_id)
         return container
 
     def _acquire(self) -> _Container:
         with self._lock:
             if self._closed:
-                raise SandboxError("the sandbox is closed")
+                raise SandboxError("this sandbox is closed")
             container = self._idle.pop() if self._idle else None
         if container is None:
             container = self._start_container()
@@ -371,32 +437,32 @@ class DockerSandbox(Sandbox):
                 container = self._start_container()
             except SandboxError:
                 return
-            except Exception:  # noqa: BLE001 - a failed warm-up is retried on demand
-                log.exception("could not start a sandbox container for the pool")
+            except _ContainerFault as exc:  # retried on demand by the next session
+                log.warning("could not start a sandbox container for the pool: %s", exc)
                 return
             self._release(container)
 
-    # --- public API ------------------------------------------------------------------------------
-
-    def session(self) -> DockerSession:
-        return DockerSession(self)
-
-    def close(self) -> None:
-        """Remove every container this sandbox started, leased ones included."""
-        with self._lock:
-            self._closed = True
-            self._idle.clear()
-            refiller = self._refiller
-        if refiller is not None and refiller is not threading.current_thread():
-            refiller.join(timeout=START_TIMEOUT_S)  # it removes what it was starting
-        _remove_all(self._live)
+    def _after_fork_in_child(self) -> None:
+        """The containers, their sockets and the engine connection belong to the parent: forget
+        them without touching them, and start a pool of our own when first needed."""
+        self._finalizer.detach()
+        self._lock = threading.Lock()
+        self._client = None
+        self._idle = []
+        self._live = set()
+        self._refiller = None
+        self._finalizer = weakref.finalize(self, _remove_all, self._live)
+        for session in list(self._sessions):
+            session._after_fork_in_child()
 
 
 def _connect():
     try:
         import docker
     except ImportError as exc:
-        raise SandboxError("the docker backend needs the docker SDK: pip install 'tir-gym[docker]'") from exc
+        raise SandboxError(
+            "the docker backend needs the docker SDK: pip install 'tir-gym[docker]'"
+        ) from exc
     try:
         client = docker.from_env(timeout=120)
         client.ping()
@@ -416,13 +482,12 @@ def unavailable_reason(image: str = DEFAULT_IMAGE) -> str | None:
         client = _connect()
     except SandboxError as exc:
         return str(exc)
-    try:
-        import docker.errors
+    import docker.errors
 
-        try:
-            client.images.get(image)
-        except docker.errors.ImageNotFound:
-            return f"docker image {image!r} not found; build it with sandbox_image/build.sh"
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return f"docker image {image!r} not found; build it with sandbox_image/build.sh"
     finally:
         client.close()
     return None
@@ -439,12 +504,34 @@ def _remove_all(live: set[_Container]) -> None:
         thread.join(timeout=30)
 
 
+def _restore_sandbox(options: dict) -> DockerSandbox:
+    return DockerSandbox(**options)
+
+
+_live_sandboxes: weakref.WeakSet[DockerSandbox] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for sandbox in list(_live_sandboxes):
+        sandbox._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+RESTART_NOTE = "The kernel restarts on the next run: variables from earlier runs are gone."
+
+
+def _with_note(stderr: str, note: str) -> str:
+    return f"{stderr}\n{note.strip()}\n" if stderr else f"{note.strip()}\n"
+
+
 class DockerSession(Session):
     """One episode's kernel inside a leased container; globals persist across ``run`` calls.
 
-    If the kernel dies (timeout, crash, OOM) the next ``run`` gets a fresh one, and says so on
-    stderr; if the container itself breaks, the run reports ``infra_error`` and the session moves
-    to a new container.
+    Thread-safe: concurrent ``run`` calls are served one at a time. When a cell times out,
+    crashes or runs out of memory, its kernel dies and the result says so; the next ``run``
+    starts a fresh one. If the container itself breaks, the run reports ``infra_error`` and the
+    session moves to a new container.
     """
 
     def __init__(self, sandbox: DockerSandbox):
@@ -454,77 +541,84 @@ class DockerSession(Session):
         self._container: _Container | None = None
         try:
             self._container = self._lease()
-        except _ContainerFault as exc:
-            raise SandboxError(f"could not start a session: {exc}") from exc
+        except _ContainerFault as exc:  # reported by the first run as infra_error
+            log.warning("sandbox container failed to start (will retry on run): %s", exc)
 
     def _lease(self) -> _Container:
-        """A container from the pool with a fresh kernel opened in it."""
-        container = self._sandbox._acquire()
-        try:
-            reply = container.request(self._sandbox._open_message(), time.monotonic() + CONTROL_TIMEOUT_S)
-        except _ContainerFault:
+        """A container from the pool with a fresh kernel opened in it; skips broken idle ones."""
+        for attempt in (1, 2, 3):
+            container = self._sandbox._acquire()
+            deadline = time.monotonic() + CONTROL_TIMEOUT_S
+            try:
+                reply = container.request(self._sandbox._open_message(), deadline)
+                if reply.get("ok"):
+                    return container
+                fault = _ContainerFault(reply.get("error", "the kernel did not start"))
+            except _ContainerFault as exc:
+                fault = exc
+            log.warning("container %s could not open a kernel: %s", container.short_id, fault)
             self._sandbox._discard(container)
-            raise
-        if not reply.get("ok"):
-            self._sandbox._discard(container)
-            raise _ContainerFault(f"container {container.short_id}: {reply.get('error', 'open failed')}")
-        return container
+        raise fault
 
     def run(self, code: str, timeout: float | None = None) -> ExecResult:
         if not isinstance(code, str):
-            raise TypeError(f"code must be a str, not {type(code).__name__}")
+            raise TypeError(f"code must be str, not {type(code).__name__}")
         limit = self._sandbox.limits.timeout_s if timeout is None else float(timeout)
         if not limit > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
+            raise ValueError(f"timeout must be positive, got {timeout}")
         start = time.monotonic()
         if len(code) > MAX_CODE_CHARS:
             return ExecResult(
                 ExecStatus.ERROR,
-                stderr=f"[sandbox] code of {len(code)} characters exceeds {MAX_CODE_CHARS}\n",
+                stderr=f"SandboxError: the code has {len(code)} characters; the limit is "
+                f"{MAX_CODE_CHARS}\n",
             )
         with self._lock:
             if self._closed or self._sandbox._closed:
-                raise SandboxError("the session or its sandbox is closed")
-            status, stdout, stderr = self._run_locked(code, limit, start)
+                raise SandboxError("this sandbox session is closed")
+            if self._container is None:
+                try:
+                    self._container = self._lease()
+                except (_ContainerFault, SandboxError) as exc:
+                    return ExecResult(
+                        ExecStatus.INFRA_ERROR, stderr=f"SandboxError: no sandbox container: {exc}\n"
+                    )
+            status, stdout, stderr = self._run_in(self._container, code, limit, start)
+            if self._closed:  # closed from another thread while running
+                status, stderr = ExecStatus.INFRA_ERROR, "SandboxError: the session was closed during the run\n"
         return ExecResult(status, stdout, stderr, time.monotonic() - start)
 
-    def _run_locked(self, code: str, limit: float, start: float) -> tuple[ExecStatus, str, str]:
-        note = ""
-        if self._container is None:
-            try:
-                self._container = self._lease()
-            except (_ContainerFault, SandboxError) as exc:
-                return ExecStatus.INFRA_ERROR, "", f"[sandbox] no container available: {exc}\n"
-            note = "[sandbox] a new container was started; earlier state is lost\n"
-        container = self._container
-        message = {
-            "op": "run",
-            "code": code,
-            "timeout": limit,
-            "max_output": self._sandbox.limits.max_output_bytes,
-        }
+    def _run_in(
+        self, container: _Container, code: str, limit: float, start: float
+    ) -> tuple[ExecStatus, str, str]:
+        message = {"op": "run", "code": code, "timeout": limit}
         try:
             reply = container.request(message, start + limit + GRACE_S)
         except _ContainerHung:
             log.warning("container %s hung past its timeout; replacing it", container.short_id)
             self._drop_container()
-            return ExecStatus.TIMEOUT, "", f"{note}[sandbox] timed out after {limit:g} s\n"
+            note = (
+                f"TimeoutError: the cell ran longer than {limit:g} s and was killed with "
+                f"everything it started\n{RESTART_NOTE}"
+            )
+            return ExecStatus.TIMEOUT, "", _with_note("", note)
         except _ContainerFault as exc:
             oom = container.oom_killed()
             log.warning("container %s failed (%s); replacing it", container.short_id, exc)
             self._drop_container()
             if oom:
-                return ExecStatus.MEMORY, "", f"{note}[sandbox] the container ran out of memory\n"
-            return ExecStatus.INFRA_ERROR, "", f"{note}[sandbox] the container failed: {exc}\n"
+                note = f"MemoryError: the sandbox container ran out of memory\n{RESTART_NOTE}"
+                return ExecStatus.MEMORY, "", _with_note("", note)
+            note = f"SandboxError: the sandbox container failed ({exc})\n{RESTART_NOTE}"
+            return ExecStatus.INFRA_ERROR, "", _with_note("", note)
         if "status" not in reply:
             self._drop_container()
-            return ExecStatus.INFRA_ERROR, "", f"{note}[sandbox] {reply.get('error', 'bad reply')}\n"
+            note = f"SandboxError: {reply.get('error', 'bad reply from the runner')}\n{RESTART_NOTE}"
+            return ExecStatus.INFRA_ERROR, "", _with_note("", note)
         if not reply["ok"]:
-            log.warning("container %s could not clean up after a kernel fault", container.short_id)
+            log.warning("container %s could not clean up after its kernel", container.short_id)
             self._drop_container()
-        if reply.get("fresh_kernel") and not note:
-            note = "[sandbox] the previous kernel was stopped; this cell ran in a fresh one\n"
-        return ExecStatus(reply["status"]), reply["stdout"], note + reply["stderr"]
+        return ExecStatus(reply["status"]), reply["stdout"], reply["stderr"]
 
     def _drop_container(self) -> None:
         if self._container is not None:
@@ -533,12 +627,21 @@ class DockerSession(Session):
 
     def close(self) -> None:
         """Kill the kernel and whatever it forked, wipe scratch space, return the container."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        self._closed = True
+        if not self._lock.acquire(blocking=False):
+            running = self._container
+            if running is not None:
+                running.remove()  # a run on another thread: cut its connection to unblock it
+            self._lock.acquire()
+        try:
             container, self._container = self._container, None
+        finally:
+            self._lock.release()
+        self._sandbox._sessions.discard(self)
         if container is None:
+            return
+        if self._sandbox._closed:
+            container.remove()
             return
         try:
             reply = container.request({"op": "close"}, time.monotonic() + CONTROL_TIMEOUT_S)
@@ -550,3 +653,7 @@ class DockerSession(Session):
             self._sandbox._release(container)
         else:
             self._sandbox._discard(container)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._container = None  # the parent's; the next run leases one of our own
