@@ -293,6 +293,14 @@ def math_verify_equal(pred: str, gold: str) -> bool:
 
 def _worker_main(memory_limit_mb: int) -> None:
     """Serve grading requests (one JSON object per line) until stdin closes or the parent dies."""
+    try:
+        _serve(memory_limit_mb)
+    except BrokenPipeError:
+        pass  # the parent went away (e.g. a forked env worker exited while we were starting)
+    os._exit(0)  # skip interpreter teardown: flushing a dead pipe would only print noise
+
+
+def _serve(memory_limit_mb: int) -> None:
     import resource
     import warnings
 
@@ -641,8 +649,9 @@ def judge(predicted: str | None, gold: str, *, timeout_s: float = DEFAULT_TIMEOU
 def grade(predicted: str | None, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether ``predicted`` (the content of the model's last ``\\boxed{}``) equals ``gold``.
 
-    Safe from any thread or vector-env worker; returns within ``timeout_s`` of grading time (plus a
-    one-off worker start-up the first time), ``False`` if math-verify could not decide in time.
+    Safe from any thread or vector-env worker. Returns within ``timeout_s`` (``False`` if
+    math-verify could not decide in time), plus the start-up of a worker process (~0.5 s, bounded
+    separately) when one is starting: on first use, or right after a timeout replaced one.
     """
     return judge(predicted, gold, timeout_s=timeout_s).correct
 
