@@ -189,6 +189,10 @@ class TestOutput:
     def test_abnormal_ends_are_explained(self, status, word):
         assert word in format_output(ExecResult(status, "1\n"))
 
+    def test_no_second_note_when_the_sandbox_explained(self):
+        result = ExecResult(ExecStatus.TIMEOUT, "", "TimeoutError: the cell ran longer than 1 s\n")
+        assert format_output(result) == "```output\nTimeoutError: the cell ran longer than 1 s\n```\n"
+
     def test_truncation_keeps_head_and_tail(self):
         text = "HEAD" + "x" * 10_000 + "TAIL"
         out = format_output(ExecResult(ExecStatus.OK, text), max_chars=100)

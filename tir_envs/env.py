@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import string
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import gymnasium
@@ -77,9 +78,9 @@ class SharedTextBatch(Sequence):
             return tuple(self[i] for i in range(*index.indices(self._n)))
         if not -self._n <= index < self._n:
             raise IndexError(index)
-        data = np.frombuffer(self._buffer.get_obj(), dtype=np.int32)
+        slots = np.frombuffer(self._buffer.get_obj(), dtype=np.int32)
         start = (index % self._n) * self._stride
-        codes = data[start + 1 : start + 1 + data[start]]
+        codes = slots[start + 1 : start + 1 + slots[start]]
         return codes.tobytes().decode("utf-32-le", errors="surrogatepass")
 
     def __deepcopy__(self, memo: dict) -> tuple[str, ...]:
@@ -104,10 +105,10 @@ def _write_shared_text(space: UnicodeText, index: int, value: str, shared_memory
     codes = np.frombuffer(value.encode("utf-32-le", errors="surrogatepass"), dtype=np.int32)
     if len(codes) > space.max_length:
         raise ValueError(f"text of {len(codes)} characters exceeds the space's {space.max_length}")
-    data = np.frombuffer(shared_memory.get_obj(), dtype=np.int32)
+    slots = np.frombuffer(shared_memory.get_obj(), dtype=np.int32)
     start = index * (space.max_length + 1)
-    data[start] = len(codes)
-    data[start + 1 : start + 1 + len(codes)] = codes
+    slots[start] = len(codes)
+    slots[start + 1 : start + 1 + len(codes)] = codes
 
 
 ProblemSource = Any
@@ -281,16 +282,19 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         spec = self.problems
         if hasattr(spec, "get") and hasattr(spec, "sample"):
             return spec
-        if isinstance(spec, str) and spec == "procedural":
+        if isinstance(spec, Sequence) and not isinstance(spec, str):
+            return data.ProblemSet(spec)
+        if not isinstance(spec, (str, os.PathLike)):
+            raise TypeError(
+                "problems must be 'procedural', a benchmark name, a file path, a list of Problems or "
+                f"an object with get() and sample(); got {type(spec).__name__}"
+            )
+        if spec == "procedural":
             return ProceduralProblems(self.kinds)
-        if isinstance(spec, str) and spec.lower() in data.BENCHMARKS:
-            return data.load_benchmark(spec.lower(), data_dir=self.data_dir)
-        if isinstance(spec, (str, os.PathLike)):
-            return data.load_file(spec, **self.fields)
-        raise TypeError(
-            "problems must be 'procedural', a benchmark name, a file path or an object with "
-            f"get() and sample(); got {type(spec).__name__}"
-        )
+        path = Path(spec)
+        if isinstance(spec, os.PathLike) or path.suffix or path.exists():
+            return data.ProblemSet.from_file(path, **self.fields)
+        return data.ProblemSet.from_benchmark(spec, data_dir=self.data_dir)
 
     # ------------------------------------------------------------------ gymnasium API
 
@@ -419,26 +423,33 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     # ------------------------------------------------------------------ sandbox
 
     def _run(self, code: str) -> ExecResult:
-        if self._session is None:
-            try:
-                if self._sandbox is None:
-                    self._sandbox = make_sandbox(self.sandbox_backend, **self.sandbox_kwargs)
-                self._session = self._sandbox.session()
-            except SandboxError as exc:
-                logger.warning("sandbox could not open a session: %s", exc)
-                self._drop_owned_sandbox()
-                return ExecResult(ExecStatus.INFRA_ERROR, stderr=str(exc))
         if self.display_last_expression:
             code = display_last_expression(code)
         try:
+            if self._session is None:
+                self._session = self._open_session()
             result = self._session.run(code, timeout=self.exec_timeout_s)
         except SandboxError as exc:
-            logger.warning("sandbox failed while running a cell: %s", exc)
-            result = ExecResult(ExecStatus.INFRA_ERROR, stderr=str(exc))
+            logger.warning("sandbox failure (reported as infra_error): %s", exc)
+            result = ExecResult(ExecStatus.INFRA_ERROR, stderr=f"SandboxError: {exc}\n")
         if result.status is ExecStatus.INFRA_ERROR:
             # The kernel's state can no longer be trusted; the next tool call gets a fresh one.
             self._close_session()
         return result
+
+    def _open_session(self) -> Session:
+        """A session from our sandbox; an owned sandbox that cannot give one is replaced once."""
+        if self._sandbox is None:
+            self._sandbox = make_sandbox(self.sandbox_backend, **self.sandbox_kwargs)
+        try:
+            return self._sandbox.session()
+        except SandboxError as exc:
+            if not self._owns_sandbox:
+                raise
+            logger.warning("replacing a sandbox that cannot open sessions: %s", exc)
+            self._drop_owned_sandbox()
+            self._sandbox = make_sandbox(self.sandbox_backend, **self.sandbox_kwargs)
+            return self._sandbox.session()
 
     def _close_session(self) -> None:
         if self._session is not None:

@@ -222,10 +222,11 @@ def truncate_middle(text: str, max_chars: int) -> str:
 
 
 def format_output(result: ExecResult, max_chars: int = 2048) -> str:
-    """The observation for a tool turn: stdout, then stderr, then a note on abnormal ends."""
+    """The observation for a tool turn: stdout, then stderr (where the sandbox explains timeouts,
+    memory kills and restarts; a short note stands in when it did not)."""
     parts = [part.rstrip("\n") for part in (result.stdout, result.stderr) if part.strip()]
-    if result.status in _STATUS_NOTES:
-        parts.append(_STATUS_NOTES[result.status])
+    if result.status in _STATUS_NOTES and not result.stderr.strip():
+        parts.append(_STATUS_NOTES[result.status])  # sandboxes normally explain in stderr
     body = truncate_middle("\n".join(parts), max_chars)
     return f"```output\n{body}\n```\n"
 
