@@ -49,9 +49,10 @@ READY_ZYGOTE = 3  # zygote -> parent: JSON {"preloaded": [...], "missing": [...]
 PIDFD = 4  # A -> parent: K's host pid (u32) + fds [pidfd of K, stdout memfd, stderr memfd]
 READY = 5  # K -> parent: JSON {"layers": {...}}
 RESULT = 6  # K -> parent: one status byte (index into STATUSES)
-DIED = 7  # A -> parent: K's wait status (i32)
+DIED = 7  # A -> parent: K's wait status (i32) and CPU seconds used (f64)
 SETUP_FAILED = 8  # A or K -> parent: JSON {"layer": name, "error": text}
 
+DIED_PAYLOAD = struct.Struct("<id")
 STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "infra_error")
 OK, ERROR, MEMORY, OUTPUT_LIMIT = 0, 1, 3, 4
 
@@ -408,9 +409,10 @@ def _supervise(sock: socket.socket, kernel_pid: int, wake_fd: int) -> None:
             os._exit(0)
         if died is not None:
             _kill_group(kernel_pid)  # ... until its stragglers are signalled
-            _, status = os.waitpid(kernel_pid, 0)
+            _, status, usage = os.wait4(kernel_pid, 0)
+            cpu_s = usage.ru_utime + usage.ru_stime
             try:
-                send_frame(sock, DIED, struct.pack("<i", status))
+                send_frame(sock, DIED, DIED_PAYLOAD.pack(status, cpu_s))
             except OSError:
                 pass
             os._exit(0)
@@ -524,7 +526,7 @@ def _set_limits(config: dict) -> list[str]:
         address_space_now = int(fh.read().split()[0]) * page
     wanted = [
         (resource.RLIMIT_AS, address_space_now + limits["memory_mb"] * mb),
-        (resource.RLIMIT_CPU, limits["cpu_s"]),
+        (resource.RLIMIT_CPU, limits["cpu_s"]),  # soft = hard: SIGKILL (SIGXCPU skips an init)
         (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
         (resource.RLIMIT_NOFILE, limits["max_open_files"]),
         (resource.RLIMIT_CORE, 0),
@@ -533,9 +535,8 @@ def _set_limits(config: dict) -> list[str]:
         wanted.append((resource.RLIMIT_NPROC, limits["max_pids"]))
     failed = []
     for which, value in wanted:
-        hard = value + 1 if which == resource.RLIMIT_CPU else value  # SIGXCPU, then SIGKILL
         try:
-            resource.setrlimit(which, (value, hard))
+            resource.setrlimit(which, (value, value))
         except (OSError, ValueError) as exc:
             failed.append(f"{which}: {exc}")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big file is an OSError, not a crash
@@ -635,7 +636,8 @@ class Kernel:
 
     def _reap_strays(self) -> None:
         """Processes a cell started do not outlive it. Only inside our own pid namespace, where
-        ``kill(-1)`` reaches nothing but the cell's processes (it spares the caller)."""
+        ``kill(-1)`` reaches nothing but the cell's processes (it spares the caller); there we
+        also wait for them, so none is left even as a zombie."""
         if self.in_pid_namespace:
             try:
                 os.kill(-1, signal.SIGKILL)
@@ -643,7 +645,7 @@ class Kernel:
                 pass
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, _ = os.waitpid(-1, 0 if self.in_pid_namespace else os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:

@@ -279,9 +279,9 @@ class _Kernel:
         if kind == wire.RESULT and len(payload) == 1 and payload[0] in (
                 wire.OK, wire.ERROR, wire.MEMORY, wire.OUTPUT_LIMIT):
             return ExecStatus(wire.STATUSES[payload[0]]), ""
-        if kind == wire.DIED and len(payload) == 4:
+        if kind == wire.DIED and len(payload) == wire.DIED_PAYLOAD.size:
             self.kill()
-            return self._death_status(struct.unpack("<i", payload)[0])
+            return self._death_status(*wire.DIED_PAYLOAD.unpack(payload))
         self.kill()
         return ExecStatus.ERROR, "SandboxError: the kernel broke the sandbox protocol"
 
@@ -289,7 +289,7 @@ class _Kernel:
         return (f"MemoryError: the kernel exceeded its {self.limits.memory_mb} MB memory limit "
                 "and was killed")
 
-    def _death_status(self, wait_status: int) -> tuple[ExecStatus, str]:
+    def _death_status(self, wait_status: int, cpu_s: float) -> tuple[ExecStatus, str]:
         if os.WIFEXITED(wait_status):
             code = os.WEXITSTATUS(wait_status)
             status = ExecStatus.OK if code == 0 else ExecStatus.ERROR
@@ -297,7 +297,8 @@ class _Kernel:
         sig = os.WTERMSIG(wait_status)
         if sig == signal.SIGKILL and self.group is not None and self.group.oom_killed():
             return ExecStatus.MEMORY, self._oom_note()
-        if sig == signal.SIGXCPU:
+        # rusage is tick-sampled while RLIMIT_CPU counts exact runtime: allow for the difference
+        if sig in (signal.SIGKILL, signal.SIGXCPU) and cpu_s >= 0.8 * self.limits.cpu_s:
             return ExecStatus.TIMEOUT, (f"TimeoutError: the kernel used up its CPU time limit "
                                         f"({self.limits.cpu_s} s) and was killed")
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
