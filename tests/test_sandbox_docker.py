@@ -211,6 +211,45 @@ def test_concurrent_sessions_from_threads(engine):
         assert len(_containers(engine, sb)) <= 4
 
 
+def test_close_from_another_thread_stops_a_running_cell(sandbox):
+    session = sandbox.session()
+    results = []
+    runner = threading.Thread(target=lambda: results.append(session.run("while True: pass")))
+    runner.start()
+    time.sleep(0.5)
+    start = time.monotonic()
+    session.close()
+    runner.join(timeout=30)
+    assert results[0].status is ExecStatus.INFRA_ERROR
+    assert time.monotonic() - start < LIMITS["timeout_s"]
+    assert sandbox.run("print('still fine')").stdout == "still fine\n"
+
+
+def _child_episode(sb, queue) -> None:
+    with sb.session() as session:
+        queue.put(session.run("print(6 * 7)").stdout)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_processes_get_their_own_pool(sandbox, engine, method):
+    """AsyncVectorEnv workers: a forked child must not touch the parent's containers, a spawned
+    one unpickles the sandbox as its configuration."""
+    import multiprocessing
+
+    with sandbox.session() as session:
+        session.run("x = 5")
+        before = {c.id for c in _containers(engine, sandbox)}
+        ctx = multiprocessing.get_context(method)
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_episode, args=(sandbox, queue))
+        child.start()
+        child.join(timeout=120)
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == "42\n"
+        assert session.run("print(x)").stdout == "5\n"
+        assert before <= {c.id for c in _containers(engine, sandbox)}
+
+
 def test_close_removes_every_container(engine):
     sb = make_sandbox("docker", pool_size=2, **LIMITS)
     session = sb.session()

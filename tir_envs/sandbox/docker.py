@@ -447,6 +447,7 @@ class DockerSandbox(Sandbox):
         them without touching them, and start a pool of our own when first needed."""
         self._finalizer.detach()
         self._lock = threading.Lock()
+        self.pool_id = uuid.uuid4().hex[:12]
         self._client = None
         self._idle = []
         self._live = set()
@@ -604,7 +605,8 @@ class DockerSession(Session):
             return ExecStatus.TIMEOUT, "", _with_note("", note)
         except _ContainerFault as exc:
             oom = container.oom_killed()
-            log.warning("container %s failed (%s); replacing it", container.short_id, exc)
+            level = logging.DEBUG if self._closed else logging.WARNING  # closed from another thread
+            log.log(level, "container %s failed (%s); replacing it", container.short_id, exc)
             self._drop_container()
             if oom:
                 note = f"MemoryError: the sandbox container ran out of memory\n{RESTART_NOTE}"
