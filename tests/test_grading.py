@@ -134,7 +134,11 @@ GRADING_TABLE: list[tuple[str | None, str, bool]] = [
         True,
     ),
     ("(-1/3, 2/3, 5/3)", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),
-    ("\\begin{bmatrix} -7 \\\\ 16 \\\\ 5 \\end{bmatrix}", "\\begin{pmatrix} -7 \\\\ 16 \\\\ 5 \\end{pmatrix}", True),
+    (
+        "\\begin{bmatrix} -7 \\\\ 16 \\\\ 5 \\end{bmatrix}",
+        "\\begin{pmatrix} -7 \\\\ 16 \\\\ 5 \\end{pmatrix}",
+        True,
+    ),
     (
         "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
         "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
@@ -344,21 +348,22 @@ def test_timeouts_are_not_cached(grader):
 
 def test_concurrent_threads_agree_with_serial_grading():
     cases = GRADING_TABLE * 3
-    with Grader(max_workers=2) as grader:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            verdicts = list(pool.map(lambda case: grader.judge(case[0], case[1]).correct, cases))
+    with Grader(max_workers=2) as grader, ThreadPoolExecutor(max_workers=8) as pool:
+        verdicts = list(pool.map(lambda case: grader.judge(case[0], case[1]).correct, cases))
     assert verdicts == [expected for _, _, expected in cases]
 
 
 def test_a_slow_call_does_not_block_other_threads_beyond_their_deadline():
     with Grader(max_workers=2) as grader:
-        grader.warm_up()
-        slow = threading.Thread(target=grader.judge, args=("9^{9^{9^{9}}}", "1"), kwargs={"timeout_s": 3})
+        grader.warm_up(workers=2)
+        slow = threading.Thread(
+            target=grader.judge, args=("9^{9^{9^{9}}}", "1"), kwargs={"timeout_s": 3}
+        )
         slow.start()
         time.sleep(0.2)
         start = time.monotonic()
         assert grader.judge("(x+1)^2", "x^2+2x+1", timeout_s=5).correct
-        assert time.monotonic() - start < 3.0  # includes starting the second worker
+        assert time.monotonic() - start < 2.0
         slow.join()
 
 
@@ -398,7 +403,7 @@ def _grade_in_child(queue) -> None:
 
 @pytest.mark.parametrize("daemon", [False, True])
 def test_grading_in_forked_and_daemonic_children(daemon):
-    """AsyncVectorEnv workers are forked daemonic processes; they cannot use multiprocessing children."""
+    """AsyncVectorEnv workers are forked daemonic processes: no multiprocessing children there."""
     assert grade("\\sqrt{8}", "2\\sqrt{2}")  # the parent's default grader has a live worker
     context = multiprocessing.get_context("fork")
     queue = context.Queue()

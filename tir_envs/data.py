@@ -33,7 +33,7 @@ class Problem:
     """One math problem; only ``question`` is ever shown to the model."""
 
     id: str
-    """Stable and unique within its source, e.g. ``math500/test/precalculus/807.json``, ``gsm8k/17``."""
+    """Unique within its source, e.g. ``math500/test/precalculus/807.json``, ``gsm8k/17``."""
     question: str
     answer: str
     """Gold answer as a short string ready for ``grading.grade``."""
@@ -49,7 +49,8 @@ class Problem:
 
 
 def canonical_number(value: Any) -> str:
-    """A number as the shortest exact string: ``5.0`` -> ``"5"``, ``"033"`` -> ``"33"``, ``"2,125"`` -> ``"2125"``.
+    """A number as its shortest exact string: ``5.0`` -> ``"5"``, ``"033"`` -> ``"33"``,
+    ``"2,125"`` -> ``"2125"``.
 
     Strings that are not plain numbers are returned stripped but otherwise unchanged.
     """
@@ -85,12 +86,12 @@ def answer_from_solution(value: Any) -> str:
 
 
 def latex_answer(value: Any) -> str:
-    """A LaTeX answer used as written (MATH-500): ``58,500`` or ``1,-2`` are the grader's business."""
+    """A LaTeX answer as written (MATH-500): ``58,500`` or ``1,-2`` are the grader's business."""
     return str(value).strip()
 
 
 def _auto_answer(value: Any) -> str:
-    """Answer of an unknown schema: numbers, ``#### n`` solutions, boxed solutions, or the text itself."""
+    """Answer of an unknown schema: a number, ``#### n``, a boxed solution, or the text itself."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return canonical_number(value)
     text = str(value)
@@ -117,7 +118,7 @@ def _join_body_and_question(body: str, question: str) -> str:
 
 @dataclass(frozen=True)
 class FieldMap:
-    """Where a schema keeps the question, answer and id; ``question`` may name two fields to join."""
+    """Where a schema keeps question, answer and id; ``question`` may name two fields to join."""
 
     question: tuple[str, ...]
     answer: str
@@ -189,7 +190,9 @@ def detect_fields(
     for name in (*question, answer[0]):
         if name not in columns:
             raise ValueError(f"field {name!r} not in the file's fields {columns}")
-    ident = id_field if id_field is not None else next((i for i in _KNOWN_IDS if i in columns), None)
+    ident = (
+        id_field if id_field is not None else next((i for i in _KNOWN_IDS if i in columns), None)
+    )
     if ident is not None and ident not in columns:
         raise ValueError(f"id field {ident!r} not in the file's fields {columns}")
     used = {*question, answer[0], ident}
@@ -303,7 +306,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         file_stem="aime24",
         hub_id="HuggingFaceH4/aime_2024",
         hub_split="train",
-        fields=FieldMap(("problem",), "answer", "id", canonical_number, ("url", "solution", "year")),
+        fields=FieldMap(
+            ("problem",), "answer", "id", canonical_number, ("url", "solution", "year")
+        ),
     ),
     "amc23": BenchmarkSpec(
         name="amc23",
@@ -327,11 +332,19 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         file_stem="svamp",
         hub_id="ChilleD/SVAMP",
         hub_split="train+test",
-        fields=FieldMap(("Body", "Question"), "Answer", "ID", canonical_number, ("Type", "Equation")),
+        fields=FieldMap(
+            ("Body", "Question"), "Answer", "ID", canonical_number, ("Type", "Equation")
+        ),
     ),
 }
 
-_ALIASES = {"math": "math500", "aime": "aime24", "aime2024": "aime24", "amc": "amc23", "amc2023": "amc23"}
+_ALIASES = {
+    "math": "math500",
+    "aime": "aime24",
+    "aime2024": "aime24",
+    "amc": "amc23",
+    "amc2023": "amc23",
+}
 
 
 def benchmark_spec(name: str) -> BenchmarkSpec:
@@ -352,13 +365,17 @@ def _load_from_hub(spec: BenchmarkSpec) -> list[Problem]:
     try:
         import datasets
     except ImportError as exc:
-        raise ImportError("the 'datasets' package is not installed (pip install 'tir-gym[hub]')") from exc
+        raise ImportError(
+            "the 'datasets' package is not installed (pip install 'tir-gym[hub]')"
+        ) from exc
     dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
     records = list(dataset)
     fields = spec.hub_fields or spec.fields
     if records and not all(name in records[0] for name in (*fields.question, fields.answer)):
         # Hub copies get re-uploaded with renamed columns; read them like any user file.
-        logger.warning("%s on the hub has fields %s; auto-detecting", spec.hub_id, sorted(records[0]))
+        logger.warning(
+            "%s on the hub has fields %s; auto-detecting", spec.hub_id, sorted(records[0])
+        )
         fields = detect_fields(records[0])
     return _problems_from_records(records, fields, spec.name)
 
@@ -369,7 +386,7 @@ def load_benchmark(
     """The problems of a named benchmark.
 
     Args:
-        name: ``math500``, ``aime24``, ``amc23``, ``gsm8k`` or ``svamp`` (spelling variants accepted).
+        name: ``math500``, ``aime24``, ``amc23``, ``gsm8k`` or ``svamp`` (spelling variants ok).
         data_dir: directory holding ``<name>.jsonl`` or ``<name>.parquet``; defaults to
             ``$TIR_DATA_DIR``.
         from_hub: ``True`` loads from the Hugging Face hub only, ``False`` never touches it,
@@ -387,7 +404,11 @@ def load_benchmark(
             if path.is_file():
                 return _problems_from_records(read_records(path), spec.fields, spec.name)
             tried.append(str(path))
-    where = f"looked for {' and '.join(tried)}" if tried else f"no data_dir given and ${DATA_DIR_ENV} is unset"
+    where = (
+        f"looked for {' and '.join(tried)}"
+        if tried
+        else f"no data_dir given and ${DATA_DIR_ENV} is unset"
+    )
     hub_note = "hub disabled (from_hub=False)"
     if from_hub is None and _hub_allowed():
         try:
@@ -453,7 +474,9 @@ class ProblemSet(Sequence[Problem]):
             return self._index_by_id[problem_id]
         except KeyError:
             examples = ", ".join(repr(p.id) for p in self._problems[:3])
-            raise KeyError(f"no problem with id {problem_id!r} (ids look like {examples})") from None
+            raise KeyError(
+                f"no problem with id {problem_id!r} (ids look like {examples})"
+            ) from None
 
     def get(self, problem_id_or_index: str | int) -> Problem:
         """By id (``"gsm8k/17"``) or by position (``17``, numpy integers too)."""
@@ -470,7 +493,7 @@ class ProblemSet(Sequence[Problem]):
         return self._problems[index]
 
     def sample(self, np_random) -> Problem:
-        """A uniformly random problem drawn from a ``numpy.random.Generator`` (the env's ``np_random``)."""
+        """A uniform random problem from a ``numpy.random.Generator`` (the env's ``np_random``)."""
         return self._problems[int(np_random.integers(len(self._problems)))]
 
     @property

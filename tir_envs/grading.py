@@ -6,8 +6,8 @@
    equal strings, exact numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``, thousands commas,
    leading zeros, scientific notation) and text answers (``\\text{Evelyn}``, choice letters) are
    decided here.
-2. **math-verify layer**: everything else goes to ``math_verify.parse`` + ``verify`` plus a few rules
-   of our own (column vector == tuple, percent signs). It runs in a small persistent worker
+2. **math-verify layer**: everything else goes to ``math_verify.parse`` + ``verify`` plus a few
+   rules of our own (column vector == tuple, percent signs). It runs in a small persistent worker
    process with a deadline, because sympy can hang on adversarial input and math-verify's own
    timeout relies on ``SIGALRM``, which only works in the main thread (not in threads or
    vector-env workers). A worker that misses the deadline is killed and replaced; the verdict is
@@ -25,9 +25,11 @@ Equivalence policy (what counts as the same answer):
 - Text answers compare as case-insensitive words (``\\text{Evelyn} == evelyn``); choice letters
   ignore their wrapper (``\\text{(C)} == C == (C)``).
 - An assignment matches its value: ``x = 3 == 3`` (either side).
-- Unordered solution lists match in any order: ``1, 2 == 2, 1``; ``1 \\pm \\sqrt{19}`` needs both roots.
+- Unordered solution lists match in any order: ``1, 2 == 2, 1``; ``1 \\pm \\sqrt{19}`` needs
+  both roots.
 - Tuples are ordered; intervals must match endpoints and openness: ``(1,2) != [1,2]``.
-- A column (or row) vector matches the tuple of its entries: ``\\begin{pmatrix}1\\\\2\\end{pmatrix} == (1,2)``.
+- A column (or row) vector matches the tuple of its entries:
+  ``\\begin{pmatrix}1\\\\2\\end{pmatrix} == (1,2)``.
 - Symbolic expressions compare by simplification: ``\\frac{\\sqrt3}{3} == \\frac{1}{\\sqrt3}``.
 - Base subscripts are read as written: ``52_8 == 52`` (the digits the question asked for).
 
@@ -78,7 +80,7 @@ _BOXED_COMMANDS = ("\\boxed", "\\fbox")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) in ``text``; ``None`` if absent or unclosed.
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) in ``text``; ``None`` if absent.
 
     Braces nest and ``\\{``/``\\}`` are skipped, so ``\\boxed{\\{1, \\frac{1}{2}\\}}`` works;
     ``\\boxed 5`` (no braces) yields the next token.
@@ -114,17 +116,22 @@ _SPACING = re.compile(r"(?<!\\)\\[!,;:> ]|\\q?quad\b|~")  # not the row break ``
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])|\\displaystyle")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _TEXT_WRAPPER = r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)"
-_TRAILING_TEXT_UNIT = re.compile(rf"(?<=\S)\s*{_TEXT_WRAPPER}\{{\s*[a-zA-Z][a-zA-Z .]*\}}(\^\{{?\d\}}?)?$")
+_TRAILING_TEXT_UNIT = re.compile(
+    rf"(?<=\S)\s*{_TEXT_WRAPPER}\{{\s*[a-zA-Z][a-zA-Z .]*\}}(\^\{{?\d\}}?)?$"
+)
 _PLAIN_NUMBER = r"[+-]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)"
-_TRAILING_UNIT_WORDS = re.compile(rf"^({_PLAIN_NUMBER})\s+([a-zA-Z]{{2,}}(?:\s+[a-zA-Z]+)*)\.?(\^\d)?$")
+_TRAILING_UNIT_WORDS = re.compile(
+    rf"^({_PLAIN_NUMBER})\s+([a-zA-Z]{{2,}}(?:\s+[a-zA-Z]+)*)\.?(\^\d)?$"
+)
 _MATH_WORDS = frozenset(
-    "pi sin cos tan cot sec csc log ln exp sqrt inf infty oo nan i e arcsin arccos arctan".split()
+    ("pi", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "inf", "infty")
+    + ("oo", "nan", "i", "e", "arcsin", "arccos", "arctan")
 )
 _PERCENT = re.compile(r"(?<!\\)%")
 
 
 def normalize_answer(text: str) -> str:
-    """Canonical string form of an answer: no ``\\boxed``, ``$``, ``\\left``, spacing, units or degrees.
+    """Canonical spelling of an answer: no ``\\boxed``, ``$``, ``\\left``, spacing, units, degrees.
 
     Used for the cheap exact-match layer and as the text sent to math-verify; it never changes
     the value of an answer, only its spelling.
@@ -187,9 +194,9 @@ def _exact_number(s: str) -> tuple[Fraction, bool] | None:
 def _text_answer(s: str, *, strict: bool) -> str | None:
     """Lower-cased words of a text answer (``\\text{Evelyn}`` -> ``evelyn``; ``(C)`` -> ``c``).
 
-    ``strict`` (used for the gold side) only accepts what is clearly text: a ``\\text``-like wrapper,
-    a parenthesized choice letter, or a bare word of 3+ letters that is not a math name. The
-    predicted side is read leniently, so ``C`` matches a gold ``\\text{(C)}``.
+    ``strict`` (used for the gold side) only accepts what is clearly text: a ``\\text``-like
+    wrapper, a parenthesized choice letter, or a bare word of 3+ letters that is not a math name.
+    The predicted side is read leniently, so ``C`` matches a gold ``\\text{(C)}``.
     """
     inner, wrapped = s, False
     while True:
@@ -210,7 +217,7 @@ def _text_answer(s: str, *, strict: bool) -> str | None:
 
 
 def _quick_verdict(pred: str, gold: str) -> Verdict | None:
-    """Decide from normalized strings alone when that is conclusive; ``None`` defers to math-verify."""
+    """Decide from normalized strings when that is conclusive; ``None`` defers to math-verify."""
     if pred == gold:
         return Verdict(True, "exact")
     gold_text = _text_answer(gold, strict=True)
@@ -449,6 +456,7 @@ class Grader:
         cache_size: int = 100_000,
         memory_limit_mb: int = 2048,
         start_timeout_s: float = 60.0,
+        max_wait_s: float = 60.0,
         max_answer_chars: int = 1000,
         use_string_layer: bool = True,
     ):
@@ -457,8 +465,10 @@ class Grader:
             max_workers: concurrent math-verify calls; each worker is a Python process (~100 MB).
             cache_size: verdicts remembered (LRU); RL groups grade the same answers many times.
             memory_limit_mb: address-space cap per worker, so ``10^{10^{10}}`` cannot eat the host.
-            start_timeout_s: a worker's one-off start (imports sympy, ~1 s) is bounded separately
-                from the per-call deadline, which covers only the grading itself.
+            start_timeout_s: bound on a worker's start (it imports sympy: ~0.5 s, more on a loaded
+                machine); kept apart from the per-call deadline, which covers grading only.
+            max_wait_s: bound on waiting for a free worker when more threads grade at once than
+                there are workers; a deadline this long only trips on a badly overloaded host.
             max_answer_chars: longer predictions are wrong by definition (no benchmark answer is
                 close) and are not parsed at all.
             use_string_layer: ``False`` sends everything to math-verify (for testing that layer).
@@ -466,6 +476,7 @@ class Grader:
         self.max_workers = max_workers
         self.memory_limit_mb = memory_limit_mb
         self.start_timeout_s = start_timeout_s
+        self.max_wait_s = max_wait_s
         self.max_answer_chars = max_answer_chars
         self.use_string_layer = use_string_layer
         self._cache: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
@@ -478,8 +489,10 @@ class Grader:
         self._workers: set[_Worker] = set()
         self._idle: list[_Worker] = []
 
-    def judge(self, predicted: str | None, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Verdict:
-        """Grade ``predicted`` (a boxed answer's content) against ``gold``, with the deciding layer."""
+    def judge(
+        self, predicted: str | None, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> Verdict:
+        """Grade ``predicted`` (a boxed answer's content); the verdict names the deciding layer."""
         if predicted is None or not str(predicted).strip():
             return Verdict(False, "empty")
         predicted, gold = str(predicted), str(gold)
@@ -504,47 +517,54 @@ class Grader:
                     self._cache.popitem(last=False)
         return verdict
 
-    def warm_up(self) -> None:
-        """Start one worker and wait until it has imported sympy, so the first grade is fast."""
-        worker = self._checkout(time.monotonic() + self.start_timeout_s)
+    def warm_up(self, workers: int = 1) -> None:
+        """Start ``workers`` worker processes now and wait until they have imported sympy."""
+        deadline = time.monotonic() + self.max_wait_s
+        taken = [self._checkout(deadline) for _ in range(min(workers, self.max_workers))]
+        taken = [worker for worker in taken if worker is not None]
+        error: Exception | None = None
+        for worker in taken:
+            try:
+                self._start(worker)
+            except (TimeoutError, GraderUnavailable) as exc:
+                error = error or exc
+        replace = not isinstance(error, GraderUnavailable)
+        for worker in taken:
+            self._checkin(worker, healthy=worker.ready, replace=replace)
+        if error is not None:
+            raise error
+
+    def _start(self, worker: _Worker) -> None:
+        """Wait out a worker's start-up, bounded by ``start_timeout_s`` rather than the deadline."""
+        if not worker.ready:
+            worker.wait_ready(self.start_timeout_s)
+
+    def _math_verify(self, pred: str, gold: str, timeout_s: float) -> Verdict:
+        worker = self._checkout(time.monotonic() + self.max_wait_s)
         if worker is None:
-            return
+            logger.error(
+                "no grading worker free within %ss; grading %r as wrong", self.max_wait_s, pred
+            )
+            return Verdict(False, "timeout")
         try:
-            if not worker.ready:
-                worker.wait_ready(self.start_timeout_s)
-        except TimeoutError:
+            self._start(worker)
+        except TimeoutError as exc:
+            logger.error("%s; grading %r as wrong", exc, pred)
             self._checkin(worker, healthy=False)
-            raise
+            return Verdict(False, "worker_error")
         except GraderUnavailable:
             self._checkin(worker, healthy=False, replace=False)
             raise
-        self._checkin(worker, healthy=True)
-
-    def _math_verify(self, pred: str, gold: str, timeout_s: float) -> Verdict:
-        worker = self._checkout(time.monotonic() + timeout_s)
-        if worker is None:
-            logger.warning("grading timed out waiting for a free worker (%r vs %r)", pred, gold)
-            return Verdict(False, "timeout")
-        started = time.monotonic()
-        if not worker.ready:
-            try:
-                worker.wait_ready(self.start_timeout_s)
-            except TimeoutError as exc:
-                logger.error("%s; grading %r as wrong", exc, pred)
-                self._checkin(worker, healthy=False)
-                return Verdict(False, "worker_error")
-            except GraderUnavailable:
-                self._checkin(worker, healthy=False, replace=False)
-                raise
-            started = time.monotonic()  # start-up is bounded by start_timeout_s, not the deadline
-        correct = worker.ask(pred, gold, started + timeout_s)
+        correct = worker.ask(pred, gold, time.monotonic() + timeout_s)
         if correct is None:
             crashed = worker.proc.poll() is not None
+            problem = (
+                f"worker died (exit {worker.proc.returncode})"
+                if crashed
+                else f"exceeded {timeout_s}s"
+            )
             logger.warning(
-                "math-verify %s on %r vs %r; grading as wrong",
-                f"worker died (exit {worker.proc.returncode})" if crashed else f"exceeded {timeout_s}s",
-                pred[:200],
-                gold[:200],
+                "math-verify %s on %r vs %r; grading as wrong", problem, pred[:200], gold[:200]
             )
             self._checkin(worker, healthy=False)
             return Verdict(False, "worker_error" if crashed else "timeout")
@@ -552,14 +572,16 @@ class Grader:
         return Verdict(correct, "math_verify")
 
     def _checkout(self, deadline: float) -> _Worker | None:
-        """An idle worker, a newly started one if below ``max_workers``, or ``None`` at the deadline."""
+        """An idle worker, a new one if below ``max_workers``, or ``None`` at the deadline."""
         with self._cond:
             while True:
                 while self._idle:
                     worker = self._idle.pop()
                     if worker.proc.poll() is None:
                         return worker
-                    logger.warning("grading worker %d died while idle; replacing it", worker.proc.pid)
+                    logger.warning(
+                        "grading worker %d died while idle; replacing it", worker.proc.pid
+                    )
                     self._workers.discard(worker)
                     worker.forget()
                 if len(self._workers) < self.max_workers:
@@ -608,7 +630,7 @@ class Grader:
             worker.forget()
         self._init_process_state()
 
-    def __enter__(self) -> Grader:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -649,9 +671,10 @@ def judge(predicted: str | None, gold: str, *, timeout_s: float = DEFAULT_TIMEOU
 def grade(predicted: str | None, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether ``predicted`` (the content of the model's last ``\\boxed{}``) equals ``gold``.
 
-    Safe from any thread or vector-env worker. Returns within ``timeout_s`` (``False`` if
-    math-verify could not decide in time), plus the start-up of a worker process (~0.5 s, bounded
-    separately) when one is starting: on first use, or right after a timeout replaced one.
+    Safe from any thread or vector-env worker. The math-verify work is cut off after
+    ``timeout_s`` (verdict ``False``). Two waits are bounded separately (see ``Grader``): a worker's
+    start-up (~0.5 s, on first use or right after a timeout replaced one) and, only when more
+    threads grade at once than there are workers, the wait for a free worker.
     """
     return judge(predicted, gold, timeout_s=timeout_s).correct
 

@@ -1,0 +1,320 @@
+"""Problem sources: benchmark files, user files (jsonl/parquet, field maps), the hub, ProblemSet."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tir_envs.data import (
+    BENCHMARKS,
+    DATA_DIR_ENV,
+    Problem,
+    ProblemSet,
+    benchmark_spec,
+    canonical_number,
+    load_benchmark,
+    load_file,
+)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The real benchmark files
+# --------------------------------------------------------------------------------------------
+
+EXPECTED = {
+    # name: (count, first id, first answer, a substring of the first question)
+    "math500": (
+        500,
+        "math500/test/precalculus/807.json",
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "polar",
+    ),
+    "aime24": (30, "aime24/60", "204", "Aya goes for a $9$-kilometer-long walk"),
+    "amc23": (40, "amc23/0", "27", "Alicia lives in $A$"),
+    "gsm8k": (1319, "gsm8k/0", "18", "Janet"),
+    "svamp": (1000, "svamp/chal-777", "145", "into 93 groups. How big is each group of bananas?"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_benchmark_files_load(name, benchmarks_dir):
+    problems = load_benchmark(name, benchmarks_dir)
+    count, first_id, first_answer, question_part = EXPECTED[name]
+    assert len(problems) == count
+    assert problems[0].id == first_id and problems[0].answer == first_answer
+    assert question_part in problems[0].question
+    assert len({p.id for p in problems}) == count
+    assert all(p.source == name and p.question.strip() and p.answer.strip() for p in problems)
+    assert all(p.id.startswith(f"{name}/") for p in problems)
+
+
+def test_benchmark_answers_are_reduced_for_grading(benchmarks_dir):
+    by_id = {p.id: p for name in BENCHMARKS for p in load_benchmark(name, benchmarks_dir)}
+    assert by_id["aime24/67"].answer == "25"  # file: "025"
+    assert by_id["amc23/17"].answer == "-1"  # file: -1.0
+    assert "2125" in {p.answer for p in by_id.values() if p.source == "gsm8k"}  # file: "#### 2,125"
+    assert all(p.answer.lstrip("-").isdigit() for p in by_id.values() if p.source != "math500")
+    assert by_id["math500/test/precalculus/807.json"].meta["subject"] == "Precalculus"
+    assert by_id["svamp/chal-777"].meta["Equation"] == "( 290.0 / 2.0 )"
+
+
+def test_gold_answers_never_leak_into_questions_via_meta(benchmarks_dir):
+    problem = load_benchmark("gsm8k", benchmarks_dir)[0]
+    assert "####" not in problem.question
+
+
+def test_data_dir_from_environment(benchmarks_dir, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(benchmarks_dir))
+    assert len(load_benchmark("AIME24")) == 30
+
+
+def test_benchmark_name_spellings():
+    assert benchmark_spec("MATH-500").name == "math500"
+    assert benchmark_spec("aime_2024").name == "aime24"
+    assert benchmark_spec("GSM8K").name == "gsm8k"
+    with pytest.raises(KeyError, match="choose one of"):
+        benchmark_spec("mmlu")
+
+
+def test_benchmark_parquet_round_trip(benchmarks_dir, tmp_path):
+    problems = load_benchmark("math500", benchmarks_dir)
+    records = [json.loads(line) for line in (benchmarks_dir / "math500.jsonl").open()]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "math500.parquet")
+    assert load_benchmark("math500", tmp_path, from_hub=False) == problems
+
+
+# --------------------------------------------------------------------------------------------
+# Missing data and the hub
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_benchmark_error_names_the_file_and_tir_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as error:
+        load_benchmark("gsm8k", tmp_path, from_hub=False)
+    message = str(error.value)
+    assert "gsm8k.jsonl" in message and "gsm8k.parquet" in message and DATA_DIR_ENV in message
+    with pytest.raises(FileNotFoundError, match=f"\\${DATA_DIR_ENV} is unset"):
+        load_benchmark("gsm8k", from_hub=False)
+
+
+def test_missing_benchmark_reports_why_the_hub_did_not_help(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if the hub extra were not installed
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(FileNotFoundError, match="datasets.*not installed") as error:
+        load_benchmark("svamp", tmp_path)
+    assert DATA_DIR_ENV in str(error.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="offline"):
+        load_benchmark("svamp", tmp_path)
+    with pytest.raises(ImportError, match="hub"):
+        load_benchmark("svamp", tmp_path, from_hub=True)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A stand-in ``datasets`` module: the hub code path without the network."""
+    calls = []
+    tables = {
+        "openai/gsm8k": [
+            {"question": "1+1?", "answer": "1+1=2\n#### 2"},
+            {"question": "2*1,000?", "answer": "#### 2,000"},
+        ],
+        "math-ai/amc23": [{"id": 7, "problem": "Renamed column?", "answer": 3.0}],
+    }
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return tables[path]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    return calls
+
+
+def test_hub_fallback_when_no_local_file(fake_hub, tmp_path):
+    problems = load_benchmark("gsm8k", tmp_path)
+    assert fake_hub == [("openai/gsm8k", "main", "test")]
+    assert [(p.id, p.answer) for p in problems] == [("gsm8k/0", "2"), ("gsm8k/1", "2000")]
+
+
+def test_hub_copy_with_renamed_columns_is_auto_detected(fake_hub, tmp_path):
+    (problem,) = load_benchmark("amc23", tmp_path, from_hub=True)
+    assert (problem.id, problem.question, problem.answer) == ("amc23/7", "Renamed column?", "3")
+
+
+def test_local_file_wins_over_the_hub(fake_hub, tmp_path):
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "local?", "answer": "#### 5", "idx": 0}])
+    assert load_benchmark("gsm8k", tmp_path)[0].question == "local?"
+    assert fake_hub == []
+
+
+# --------------------------------------------------------------------------------------------
+# User files
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_file_jsonl_autodetects_common_schema(tmp_path):
+    path = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"problem": "What is 2+2?", "answer": "4", "id": "a", "level": 1},
+            {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "id": "b", "level": 2},
+        ],
+    )
+    problems = load_file(path)
+    assert problems[0] == Problem("file/a", "What is 2+2?", "4", "file", {"level": 1})
+    assert problems[1].answer == "\\frac{1}{2}"
+
+
+def test_load_file_parquet(tmp_path):
+    table = pa.table({"question": ["Q1", "Q2"], "Answer": [5.0, 2.5]})
+    pq.write_table(table, tmp_path / "mine.parquet")
+    problems = load_file(tmp_path / "mine.parquet", source="custom")
+    assert [(p.id, p.answer, p.source) for p in problems] == [
+        ("custom/0", "5", "custom"),
+        ("custom/1", "2.5", "custom"),
+    ]
+
+
+def test_load_file_answer_from_boxed_solution_and_hashes(tmp_path):
+    path = write_jsonl(
+        tmp_path / "sol.jsonl",
+        [{"Question": "Q", "solution": "So it is $\\boxed{\\frac{3}{4}}$."}],
+    )
+    assert load_file(path)[0].answer == "\\frac{3}{4}"
+    path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "Q", "answer": "work\n#### 1,234"}])
+    assert load_file(path)[0].answer == "1234"
+
+
+def test_load_file_svamp_style_body_and_question(tmp_path):
+    path = write_jsonl(
+        tmp_path / "svamp.jsonl",
+        [{"Body": "Tom has 3 apples", "Question": "How many now?", "Answer": 3.0, "ID": "x"}],
+    )
+    (problem,) = load_file(path)
+    assert problem.question == "Tom has 3 apples. How many now?" and problem.answer == "3"
+
+
+def test_load_file_explicit_field_mapping(tmp_path):
+    path = write_jsonl(
+        tmp_path / "odd.jsonl",
+        [{"stem": "A", "tail": "B?", "gold_value": 7, "key": "k1"}],
+    )
+    (problem,) = load_file(
+        path, question_field="stem+tail", answer_field="gold_value", id_field="key", source="odd"
+    )
+    assert (problem.id, problem.question, problem.answer) == ("odd/k1", "A. B?", "7")
+
+
+def test_load_file_unknown_schema_lists_the_fields(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "Q", "label": 1}])
+    with pytest.raises(
+        ValueError,
+        match=r"question_field=.*\['text', 'label'\]|\['text', 'label'\].*question_field=",
+    ):
+        load_file(path)
+    with pytest.raises(ValueError, match="'nope' not in the file's fields"):
+        load_file(path, question_field="text", answer_field="nope")
+    with pytest.raises(ValueError, match="id field 'nope'"):
+        load_file(path, question_field="text", answer_field="label", id_field="nope")
+
+
+def test_load_file_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_file(tmp_path / "missing.jsonl")
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="use .jsonl or .parquet"):
+        load_file(tmp_path / "data.csv")
+    (tmp_path / "broken.jsonl").write_text('{"question": "Q", "answer": "1"}\n{oops\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2"):
+        load_file(tmp_path / "broken.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no problems"):
+        load_file(tmp_path / "empty.jsonl")
+    write_jsonl(tmp_path / "dupes.jsonl", [{"question": "Q", "answer": 1, "id": 1}] * 2)
+    with pytest.raises(ValueError, match="duplicate problem id 'file/1'"):
+        load_file(tmp_path / "dupes.jsonl")
+    write_jsonl(tmp_path / "nobox.jsonl", [{"question": "Q", "solution": "no final answer"}])
+    with pytest.raises(ValueError, match="record 0.*no \\\\boxed"):
+        load_file(tmp_path / "nobox.jsonl")
+    write_jsonl(tmp_path / "ragged.jsonl", [{"question": "Q", "answer": 1}, {"question": "Q2"}])
+    with pytest.raises(KeyError, match="record 1 has no field"):
+        load_file(tmp_path / "ragged.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (5.0, "5"),
+        (2.5, "2.5"),
+        (7, "7"),
+        ("033", "33"),
+        ("2,125", "2125"),
+        ("-4.0", "-4"),
+        ("\\frac12", "\\frac12"),
+    ],
+)
+def test_canonical_number(value, expected):
+    assert canonical_number(value) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# ProblemSet
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def problems():
+    return ProblemSet(Problem(f"t/{i}", f"q{i}", str(i), "file") for i in range(10))
+
+
+def test_problem_set_lookup(problems):
+    assert len(problems) == 10 and problems[3].id == "t/3"
+    assert problems.get("t/4") is problems[4]
+    assert problems.get(4) is problems[4] and problems.get(np.int64(4)) is problems[4]
+    assert problems.get(-1).id == "t/9"
+    assert "t/2" in problems and "t/99" not in problems
+    assert problems.index_of("t/7") == 7
+    assert isinstance(problems[2:5], ProblemSet) and problems[2:5].ids == ["t/2", "t/3", "t/4"]
+    with pytest.raises(KeyError, match="'t/99'.*ids look like"):
+        problems.get("t/99")
+    with pytest.raises(IndexError, match="out of range"):
+        problems.get(10)
+    with pytest.raises(TypeError):
+        problems.get(1.5j)
+
+
+def test_problem_set_sampling_is_seeded_and_covers_all(problems):
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [problems.sample(rng).id for _ in range(20)]
+
+    assert draws(3) == draws(3) != draws(4)
+    rng = np.random.default_rng(0)
+    assert {problems.sample(rng).id for _ in range(500)} == set(problems.ids)
+
+
+def test_problem_set_rejects_empty_and_duplicates():
+    with pytest.raises(ValueError, match="at least one"):
+        ProblemSet([])
+    with pytest.raises(ValueError, match="duplicate"):
+        ProblemSet([Problem("x", "q", "1", "file")] * 2)
+
+
+def test_problems_are_hashable_despite_meta():
+    problem = Problem("x", "q", "1", "file", {"level": 1})
+    assert {problem: 1}[Problem("x", "q", "1", "file", {"level": 1})] == 1
