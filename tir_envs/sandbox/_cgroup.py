@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,15 @@ class KernelCgroups:
         tag = f"{PREFIX}{os.getpid()}-{next(self._serial)}"
         if os.geteuid() != 0:
             self.problems = {name: "not running as root" for name in CONTROLLERS}
-            return
-        mounts, own = _mounts(), _own_groups()
-        for name in CONTROLLERS:
-            try:
-                self.controllers[name] = self._make_base(name, tag, mounts, own)
-            except OSError as exc:
-                self.problems[name] = str(exc)
+        else:
+            mounts, own = _mounts(), _own_groups()
+            for name in CONTROLLERS:
+                try:
+                    self.controllers[name] = self._make_base(name, tag, mounts, own)
+                except OSError as exc:
+                    self.problems[name] = str(exc)
+        bases = [controller.base for controller in self.controllers.values()]
+        self._finalizer = weakref.finalize(self, _remove_bases, bases)
 
     @staticmethod
     def _make_base(name: str, tag: str, mounts, own: dict[str, str]) -> _Controller:
@@ -181,10 +184,24 @@ class KernelCgroups:
             raise
         return KernelGroup(self, dirs)
 
+    def disable(self, reason: str) -> None:
+        """Stop using cgroups (e.g. the kernel may not join them) and remove ours."""
+        self.close()
+        self.controllers.clear()
+        self.problems = {name: reason for name in CONTROLLERS}
+
     def close(self) -> None:
-        for controller in self.controllers.values():
-            if not _remove_tree(controller.base):
-                log.warning("could not remove cgroup %s (processes still inside)", controller.base)
+        self._finalizer()
+
+    def abandon(self) -> None:
+        """In a forked child: these groups belong to the parent; never remove them from here."""
+        self._finalizer.detach()
+
+
+def _remove_bases(bases: list[str]) -> None:
+    for base in bases:
+        if not _remove_tree(base):
+            log.warning("could not remove cgroup %s (processes still inside)", base)
 
 
 def _sweep_stale(parent: str) -> None:

@@ -20,11 +20,13 @@ are really active.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import fcntl
 import gc
 import io
 import json
+import linecache
 import os
 import platform
 import resource
@@ -209,8 +211,6 @@ def preload() -> dict:
 
         x = sympy.Symbol("x")
         sympy.factor(x**2 - 1), sympy.solve(x**2 - 4, x), sympy.simplify(sympy.sin(x) ** 2 + 1)
-    for module in ("traceback", "linecache", "codeop"):
-        __import__(module)
     return {"preloaded": loaded, "missing": missing}
 
 
@@ -577,7 +577,7 @@ class Kernel:
         self.sock, self.out_fd, self.err_fd, self.cap = sock, out_fd, err_fd, cap
         self.in_pid_namespace = in_pid_namespace
         self.pid = os.getpid()
-        self.globals = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.globals = {"__name__": "__main__", "__builtins__": builtins}
         self.cells = 0
 
     def serve(self) -> None:
@@ -599,8 +599,6 @@ class Kernel:
         stderr = sys.stderr = _writer(self.err_fd, self.cap, "backslashreplace")
         status = OK
         try:
-            import linecache
-
             linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
             exec(compile(code, filename, "exec"), self.globals)
         except OutputLimitExceeded:

@@ -261,6 +261,9 @@ class _Kernel:
         stdout, stderr, truncated = self._collect_output()
         if truncated and status in (ExecStatus.OK, ExecStatus.ERROR):
             status = ExecStatus.OUTPUT_LIMIT
+        if status is ExecStatus.OUTPUT_LIMIT:
+            note += (f"\nOutputLimitExceeded: output is cut at {self.limits.max_output_bytes} "
+                     "bytes per stream and the cell was stopped there")
         if not self.alive:
             self.release()
             note += ("\nThe kernel restarts on the next run: variables from earlier runs are gone.")
@@ -425,6 +428,7 @@ class LocalSandbox(Sandbox):
         self._sessions: weakref.WeakSet[LocalSession] = weakref.WeakSet()
         self._closed = False
         self._cgroups = KernelCgroups(self.limits.memory_mb << 20, self.limits.max_pids)
+        self._cgroups_stale = False
         self._layers = {name: True for name in SETUP_LAYERS}
         self.isolation_problems: dict[str, str] = {}
         """Why each missing isolation layer is missing."""
@@ -487,9 +491,7 @@ class LocalSandbox(Sandbox):
                 kernel = self._start_kernel()
             except _SetupFailed as failure:
                 if failure.layer == "cgroup":  # e.g. a delegated hierarchy we may not join
-                    problems["cgroup_pids"] = problems["cgroup_memory"] = failure.error
-                    self._cgroups.close()
-                    self._cgroups.controllers.clear()
+                    self._cgroups.disable(failure.error)
                     continue
                 if not self._layers.get(failure.layer):
                     raise
@@ -538,8 +540,13 @@ class LocalSandbox(Sandbox):
     def _try_start_kernel(self) -> _Kernel:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = _Channel(ours)
-        group = self._cgroups.create() if self._cgroups.controllers else None
-        tmp_dir = None if self._layers["filesystem_view"] else self._host_tmp_dir()
+        try:
+            group = self._kernel_cgroups().create() if self._cgroups.controllers else None
+            tmp_dir = None if self._layers["filesystem_view"] else self._host_tmp_dir()
+        except OSError as exc:
+            channel.close()
+            theirs.close()
+            raise SandboxError(f"cannot prepare a kernel's cgroup or tmp dir: {exc}") from exc
         config = {
             "layers": self._layers, "limits": dataclasses.asdict(self.limits),
             "uid": self.sandbox_uid, "tmp_size_mb": self.tmp_size_mb, "tmp_dir": tmp_dir,
@@ -613,6 +620,17 @@ class LocalSandbox(Sandbox):
             self._zygote = _Zygote()
         return self._zygote
 
+    def _kernel_cgroups(self) -> KernelCgroups:
+        """Ours; in a forked child, a fresh set (made on first use) instead of the parent's."""
+        with self._lock:
+            if self._cgroups_stale:
+                self._cgroups_stale = False
+                use = bool(self._cgroups.controllers)
+                self._cgroups = KernelCgroups(self.limits.memory_mb << 20, self.limits.max_pids)
+                if not use:
+                    self._cgroups.disable("disabled in the parent process")
+            return self._cgroups
+
     def _host_tmp_dir(self) -> str:
         """Without a filesystem view, each kernel still gets a directory of its own."""
         path = tempfile.mkdtemp(prefix="tir-kernel-")
@@ -630,7 +648,8 @@ class LocalSandbox(Sandbox):
         if self._zygote is not None:
             self._zygote.abandon()
             self._zygote = None
-        self._cgroups = KernelCgroups(self.limits.memory_mb << 20, self.limits.max_pids)
+        self._cgroups.abandon()
+        self._cgroups_stale = True
         for session in list(self._sessions):
             session._after_fork_in_child()
 
