@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import re
+import signal
 import time
 import weakref
 from dataclasses import dataclass
@@ -225,6 +226,25 @@ class KernelGroup:
         controller = self.owner.controllers.get("memory")
         return bool(controller and "memory" in self.dirs
                     and controller.oom_kills(self.dirs["memory"]) > 0)
+
+    def kill_all(self, rounds: int = 50) -> None:
+        """SIGKILL everything in the group, including processes that left the kernel's process
+        group (needed only without a pid namespace, where the namespace cannot do it for us)."""
+        procs = self.procs_files[:1]
+        for _ in range(rounds):
+            try:
+                with open(procs[0]) as fh:
+                    pids = [int(line) for line in fh if line.strip()]
+            except (OSError, IndexError):
+                return
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
 
     def remove(self) -> None:
         for path in self.dirs.values():

@@ -35,7 +35,9 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
+import types
 
 # --------------------------------------------------------------------------------------------
 # Wire protocol, shared with local.py: frames of (u32 payload length, u8 kind) + payload.
@@ -577,7 +579,10 @@ class Kernel:
         self.sock, self.out_fd, self.err_fd, self.cap = sock, out_fd, err_fd, cap
         self.in_pid_namespace = in_pid_namespace
         self.pid = os.getpid()
-        self.globals = {"__name__": "__main__", "__builtins__": builtins}
+        main = types.ModuleType("__main__")  # a real __main__, so pickle finds cell functions
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        self.globals = main.__dict__
         self.cells = 0
 
     def serve(self) -> None:
@@ -632,22 +637,26 @@ class Kernel:
         except BaseException:  # out of memory or output while reporting: the status says enough
             pass
 
-    def _reap_strays(self) -> None:
+    def _reap_strays(self, patience_s: float = 0.1) -> None:
         """Processes a cell started do not outlive it. Only inside our own pid namespace, where
         ``kill(-1)`` reaches nothing but the cell's processes (it spares the caller); there we
-        also wait for them, so none is left even as a zombie."""
-        if self.in_pid_namespace:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except OSError:
-                pass
+        also wait a little for them, so normally none is left even as a zombie. (Something that
+        keeps respawning them, like a live multiprocessing Pool, is dealt with after each cell.)"""
+        deadline = time.monotonic() + patience_s
         while True:
+            if self.in_pid_namespace:
+                try:
+                    os.kill(-1, signal.SIGKILL)
+                except OSError:
+                    pass
             try:
-                pid, _ = os.waitpid(-1, 0 if self.in_pid_namespace else os.WNOHANG)
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
             except ChildProcessError:
+                return  # no children left
+            if not self.in_pid_namespace or time.monotonic() > deadline:
                 return
-            if pid == 0:
-                return
+            time.sleep(0.001)
 
 
 if __name__ == "__main__":

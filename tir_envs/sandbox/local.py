@@ -9,8 +9,10 @@ cgroups), which no rewriting of the code can talk its way around. ``_kernel.py``
 process tree; this module is the host side: zygote lifecycle, kernel handles, timeouts, statuses.
 
 Semantics worth knowing:
-- A session's kernel keeps its globals across ``run`` calls. Processes a cell starts do not
-  outlive the cell (threads do).
+- A session's kernel keeps its globals across ``run`` calls, in a real ``__main__`` module (so
+  multiprocessing can pickle functions the cells define). Processes a cell starts do not outlive
+  the cell where the kernel has its own pid namespace (threads do): use a multiprocessing Pool
+  within one cell.
 - When a cell times out, crashes or is OOM-killed, its kernel dies with everything it forked. The
   result says so in ``stderr``; the next ``run`` of the same session starts a fresh kernel, so
   earlier variables are gone.
@@ -66,12 +68,13 @@ _missing_logged: set[str] = set()
 _missing_logged_lock = threading.Lock()
 
 
-def _log_missing_once(layer: str, reason: str) -> None:
+def _warn_once(key: str, message: str, *args) -> None:
+    """Log a machine-level shortcoming once per process, not once per sandbox or env."""
     with _missing_logged_lock:
-        if layer in _missing_logged:
+        if key in _missing_logged:
             return
-        _missing_logged.add(layer)
-    log.warning("sandbox isolation layer %r is not active on this machine: %s", layer, reason)
+        _missing_logged.add(key)
+    log.warning(message, *args)
 
 
 class _SetupFailed(SandboxError):
@@ -193,7 +196,7 @@ class _Zygote:
             raise SandboxError(f"the sandbox zygote exited during start (code {self.proc.poll()})")
         self.report = json.loads(frame[1])
         for problem in self.report["missing"]:
-            _log_missing_once(f"preload {problem.split(':')[0]}", problem)
+            _warn_once(f"preload {problem}", "the sandbox zygote could not preload %s", problem)
 
     @property
     def alive(self) -> bool:
@@ -227,6 +230,7 @@ def _release_kernel(pidfd: int, fds: list[int], channel: _Channel, group: Kernel
     _close_fds([pidfd, *fds])
     channel.close()
     if group is not None:
+        group.kill_all()  # stragglers that escaped a missing pid namespace
         group.remove()
     if tmp_dir is not None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -446,7 +450,8 @@ class LocalSandbox(Sandbox):
                 + "; ".join(f"{name} ({self.isolation_problems.get(name, '?')})"
                             for name in missing))
         for name in missing:
-            _log_missing_once(name, self.isolation_problems.get(name, "unavailable"))
+            _warn_once(name, "sandbox isolation layer %r is not active on this machine: %s",
+                       name, self.isolation_problems.get(name, "unavailable"))
 
     # ---- public -----------------------------------------------------------------------------
 
