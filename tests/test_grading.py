@@ -195,8 +195,19 @@ GRADING_TABLE: list[tuple[str | None, str, bool]] = [
     ("52", "52_8", True),
     ("4210_5", "4210_{5}", True),
     ("42", "52_8", False),
+    # Unicode that models print outside LaTeX.
+    ("\u22125", "-5", True),
+    ("2\u03c0", "2\\pi", True),
+    ("\u03c0r^2", "\\pi r^2", True),
+    ("-\u221e", "-\\infty", True),
+    ("\u22125", "5", False),
     # A prediction that still carries \boxed is unwrapped; empty answers are wrong.
     ("\\boxed{5}", "5", True),
+    ("The answer is \\boxed{\\frac{1}{2}}." + " padding" * 200, "0.5", True),
+    ("5\x00", "5", True),
+    ("\\frac{1}{2", "\\frac12", True),  # math-verify closes a brace the model forgot
+    ("\\frac{1}{", "\\frac12", False),
+    ("}{", "\\frac12", False),
     (None, "5", False),
     ("", "5", False),
     ("   ", "5", False),

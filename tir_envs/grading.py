@@ -128,6 +128,14 @@ _MATH_WORDS = frozenset(
     + ("oo", "nan", "i", "e", "arcsin", "arccos", "arctan")
 )
 _PERCENT = re.compile(r"(?<!\\)%")
+# Symbols models print outside LaTeX; the trailing space keeps ``πr`` from becoming ``\pir``.
+_UNICODE_MATH = {
+    "\u2212": "-",
+    "\u2013": "-",
+    "\u221e": "\\infty ",
+    "\u03c0": "\\pi ",
+    "\u00d7": "\\times ",
+}
 
 
 def normalize_answer(text: str) -> str:
@@ -136,10 +144,12 @@ def normalize_answer(text: str) -> str:
     Used for the cheap exact-match layer and as the text sent to math-verify; it never changes
     the value of an answer, only its spelling.
     """
-    s = text.strip()
+    s = text.replace("\x00", "").strip()
     boxed = last_boxed(s)
     if boxed is not None:
         s = boxed.strip()
+    for symbol, latex in _UNICODE_MATH.items():
+        s = s.replace(symbol, latex)
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _LEFT_RIGHT.sub("", s)
@@ -496,6 +506,8 @@ class Grader:
         if predicted is None or not str(predicted).strip():
             return Verdict(False, "empty")
         predicted, gold = str(predicted), str(gold)
+        if "\\boxed" in predicted or "\\fbox" in predicted:  # a whole response was passed
+            predicted = last_boxed(predicted) or predicted
         if len(predicted) > self.max_answer_chars:
             return Verdict(False, "too_long")
         key = (predicted, gold)
