@@ -173,6 +173,7 @@ def test_oracle_solves_every_kind(env, kind):
         obs, reward, terminated, truncated, info = env.step(oracle_turn(problem_id, obs))
         rewards.append(reward)
         assert terminated and not truncated and info["correct"], (problem_id, info)
+        assert info["grading"] in ("exact", "number", "math_verify")
         assert rewards == [0.0, 1.0] and obs == ""
 
 
@@ -198,6 +199,7 @@ def test_final_turn_without_a_box(env):
     env.step(tool("print(2)"))
     obs, reward, terminated, _, info = env.step("I could not finish.")
     assert terminated and info["final_answer"] is None and info["correct"] is False and reward == 0.0
+    assert info["grading"] == "empty"
 
 
 def test_answer_without_tool_call_on_first_turn_is_penalized(env):

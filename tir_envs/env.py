@@ -168,6 +168,8 @@ class TIRMathEnv(gymnasium.Env[str, str]):
       turn). Unparsable code is not sent to the sandbox and reports ``error`` with its ``SyntaxError``.
     - ``format_error`` (str | None): ``unclosed_fence | empty_code | syntax_error | action_too_long``
     - ``final_answer`` (str | None), ``correct`` (bool | None): set on the final turn only
+    - ``grading`` (str | None): which grader layer decided (``tir_envs.grading.Verdict.method``); a
+      ``timeout`` or ``worker_error`` there means "could not decide", not a wrong answer
     - ``reward_components`` (dict[str, float]): what ``reward`` is the sum of
 
     ## Arguments
@@ -347,6 +349,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         result: ExecResult | None = None
         final_answer: str | None = None
         correct: bool | None = None
+        grade_method: str | None = None
         if len(action) > self.max_action_chars:
             tool_called, code, format_error, final = False, "", "action_too_long", False
             obs = format_rejection(
@@ -358,9 +361,10 @@ class TIRMathEnv(gymnasium.Env[str, str]):
             final = not parsed.tool_call
             if final:
                 final_answer = parsed.final_answer
-                correct = final_answer is not None and grading.grade(
+                verdict = grading.judge(
                     final_answer, self._problem.answer, timeout_s=self.grade_timeout_s
                 )
+                correct, grade_method = verdict.correct, verdict.method
                 obs = ""
             elif format_error == "syntax_error":
                 result = ExecResult(ExecStatus.ERROR, stderr=parsed.syntax_error or "")
@@ -403,6 +407,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
             "format_error": format_error,
             "final_answer": final_answer,
             "correct": correct,
+            "grading": grade_method,
             "reward_components": components,
         }
         return obs, float(sum(components.values())), terminated, truncated, info
