@@ -30,3 +30,11 @@ def benchmarks_dir() -> Path:
     path = Path(os.environ.get("TIR_SHARED_BENCHMARKS", SHARED_BENCHMARKS))
     require(path.is_dir(), f"benchmark files not found at {path} (expected ../shared beside the repo)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models run fastest on one thread, and several threads thrash a 2-core box."""
+    import torch
+
+    torch.set_num_threads(1)

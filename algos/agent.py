@@ -1,0 +1,572 @@
+"""The shared ``Agent``: collect -> shape -> advantages -> update epochs -> metrics -> checkpoint.
+
+Everything an algorithm does not change lives here; ``GTPO``, ``GRPO`` and ``PPO`` are short
+subclasses that pick a config class and, for PPO, add a critic. One iteration:
+
+1. sample ``prompts_per_iteration`` problems and roll each out ``group_size`` times
+   (``algos.rollout.collect``) through a Gymnasium vector env of TIR envs;
+2. lay the trajectories out as a ``RolloutBatch`` plus padded token tensors;
+3. GTPO's code-similarity shaping (``algos.shaping``) when the config asks for it;
+4. the registered advantage estimator (``algos.advantages``);
+5. ``update_epochs`` passes of clipped policy-gradient steps over shuffled minibatches, each
+   split into ``grad_accum_steps`` micro-batches;
+6. metrics to JSONL + TensorBoard, and an atomic checkpoint.
+
+Every random draw of an iteration is seeded from ``(config.seed, iteration)``, so a run killed
+after checkpoint k and resumed computes exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gymnasium
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from algos.advantages import get_advantage
+from algos.batch import RolloutBatch
+from algos.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from algos.config import AlgoConfig
+from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
+from algos.generation.base import Generator, SamplingParams
+from algos.generation.hf import HFGenerator
+from algos.losses import policy_loss
+from algos.metrics import MetricsLogger, trajectory_metrics
+from algos.models import load_policy
+from algos.rollout import RolloutConfig, Trajectory, collect, make_vec_env
+from algos.shaping import shape_rewards
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenBatch:
+    """Padded token tensors of B trajectories, aligned with a ``RolloutBatch``."""
+
+    input_ids: Tensor  # long[B, L], right-padded
+    attention_mask: Tensor  # long[B, L]
+    old_logprobs: Tensor  # float[B, L], sampling logprobs on generated tokens, 0 elsewhere
+
+    @classmethod
+    def build(cls, trajectories: list[Trajectory], pad_id: int) -> tuple[TokenBatch, list]:
+        """The tensors plus each trajectory's per-turn spans of generated tokens."""
+        width = max(len(t.token_ids) for t in trajectories)
+        n = len(trajectories)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        old_logprobs = torch.zeros((n, width))
+        spans = []
+        for row, trajectory in enumerate(trajectories):
+            ids = trajectory.token_ids
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            pos, row_spans = len(trajectory.prompt_ids), []
+            for turn in trajectory.turns:
+                end = pos + len(turn.generated_ids)
+                old_logprobs[row, pos:end] = torch.as_tensor(turn.logprobs)
+                row_spans.append((pos, end))
+                pos = end + len(turn.env_ids)
+            spans.append(row_spans)
+        return cls(input_ids, attention_mask, old_logprobs), spans
+
+
+def rollout_batch(trajectories: list[Trajectory], spans: list, seq_len: int) -> RolloutBatch:
+    """The turn-level view of the trajectories (``algos.batch``)."""
+
+    def component(name: str) -> list[list[float]]:
+        return [
+            [float(t.info.get("reward_components", {}).get(name, 0.0)) for t in traj.turns]
+            for traj in trajectories
+        ]
+
+    return RolloutBatch.build(
+        group_ids=[t.group_id for t in trajectories],
+        turn_rewards=[t.rewards for t in trajectories],
+        turn_spans=spans,
+        seq_len=seq_len,
+        infra_error=[t.infra_error for t in trajectories],
+        correct=[t.correct for t in trajectories],
+        turn_accuracy=component("accuracy"),
+        turn_format=component("format"),
+    )
+
+
+def token_logprobs(
+    logits: Tensor, input_ids: Tensor, mask: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """``logprobs[b, t] = log pi(token_t | tokens_<t)`` and the entropy there, ``[B, L]``.
+
+    Only positions in ``mask`` are computed (a [N, V] slice, not [B, L, V]): on a 50k vocabulary the
+    full log-softmax would dominate memory. Both are 0 off the mask.
+    """
+    target = mask[:, 1:]
+    selected = logits[:, :-1][target].float()
+    if temperature > 0:
+        selected = selected / temperature
+    logp_all = torch.log_softmax(selected, dim=-1)
+    picked = logp_all.gather(-1, input_ids[:, 1:][target].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    pad = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
+    full_mask = torch.cat([pad, target], dim=1)
+    zeros = torch.zeros(mask.shape, dtype=picked.dtype, device=logits.device)
+    return zeros.masked_scatter(full_mask, picked), zeros.masked_scatter(full_mask, entropy.detach())
+
+
+ALGORITHMS: dict[str, type[Agent]] = {}
+
+
+def register_algorithm(name: str):
+    """Class decorator: make an ``Agent`` subclass available as ``algos.make(name, ...)``."""
+
+    def decorator(cls: type[Agent]) -> type[Agent]:
+        if name in ALGORITHMS:
+            raise ValueError(f"algorithm {name!r} is already registered by {ALGORITHMS[name]}")
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return decorator
+
+
+class Agent:
+    """An RL agent that trains a causal LM on a TIR env. Subclasses register themselves by name.
+
+    ``model``: an HF model directory, hub id or ``.gguf`` (loaded with ``algos.models.load_policy``),
+    or a loaded ``PreTrainedModel`` together with ``tokenizer``. ``env``: a registered env id (made
+    ``prompts_per_iteration * group_size`` times, all sharing one sandbox) or a ready
+    ``gymnasium.vector.VectorEnv`` of TIR envs with that many sub-envs.
+    """
+
+    name: ClassVar[str] = "agent"
+    config_class: ClassVar[type[AlgoConfig]] = AlgoConfig
+
+    def __init__(
+        self,
+        model: Any,
+        env: str | gymnasium.vector.VectorEnv = "TIR-Math-v0",
+        config: AlgoConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        rollout: RolloutConfig | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        run_dir: str | os.PathLike | None = None,
+        generator: Generator | None = None,
+        device: str = "cpu",
+    ):
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got "
+                f"{type(self.config).__name__}"
+            )
+        self.rollout = rollout or RolloutConfig()
+        self.env_kwargs = dict(env_kwargs or {})
+        self.env_id = env if isinstance(env, str) else getattr(env.spec, "id", "custom")
+        self.device = torch.device(device)
+        self._check_env(env)
+
+        if isinstance(model, (str, os.PathLike)):
+            self.model_name = os.fspath(model)
+            model, loaded_tokenizer = load_policy(model, dtype=self.config.dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+        else:
+            self.model_name = getattr(model, "name_or_path", type(model).__name__)
+            if tokenizer is None:
+                raise ValueError("pass the tokenizer together with a loaded model")
+        self.policy = model
+        self.tokenizer = tokenizer
+        self.policy.train()
+        self.trainable = self.build_trainable(self.policy)
+        self.reference = self._make_reference() if self.config.kl_coef > 0 else None
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.trainable.parameters() if p.requires_grad],
+            lr=self.config.lr,
+            weight_decay=0.0,
+        )
+        self.generator = generator or HFGenerator(self.policy, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.estimator = get_advantage(self.config.advantage)
+        if self.rollout.temperature == 0:
+            raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
+        self.iteration = 0
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._env = env
+        self._vec_env: gymnasium.vector.VectorEnv | None = None
+        self._sandbox = None
+        self._metrics: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ what subclasses change
+
+    def build_trainable(self, policy) -> torch.nn.Module:
+        """The module the optimizer trains (PPO wraps the policy with a value head)."""
+        return policy
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits ``[B, L, V]`` and, for agents with a critic, values ``[B, L]``."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits, None
+
+    def extra_loss(self, values: Tensor | None, minibatch: dict[str, Tensor], denominator: float):
+        """Loss terms beyond the policy loss (PPO's value loss): ``(loss or None, metrics)``."""
+        return None, {}
+
+    # ------------------------------------------------------------------ env
+
+    def _check_env(self, env) -> None:
+        """Fail before any work when the env is not a TIR env."""
+        if isinstance(env, str):
+            try:
+                spec = gymnasium.spec(env)
+            except gymnasium.error.Error as exc:
+                raise ValueError(f"unknown env id {env!r}: {exc}") from None
+            entry = str(spec.entry_point)
+            if "tir_envs" not in entry:
+                raise ValueError(
+                    f"{env!r} is not a TIR env (entry point {entry}); agents need text actions, "
+                    "text observations and per-turn rewards, e.g. 'TIR-Math-v0'"
+                )
+            return
+        if not isinstance(env, gymnasium.vector.VectorEnv):
+            raise TypeError(
+                f"env must be an env id or a gymnasium.vector.VectorEnv, got {type(env).__name__}"
+            )
+        if not isinstance(env.single_action_space, gymnasium.spaces.Text):
+            raise ValueError(
+                "env is not a TIR env: its action space is "
+                f"{env.single_action_space}, not text"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.prompts_per_iteration * self.config.group_size
+
+    def vec_env(self) -> gymnasium.vector.VectorEnv:
+        """The vector env the agent rolls out in (built on first use from the env id)."""
+        if self._vec_env is None:
+            if isinstance(self._env, str):
+                self._vec_env, self._sandbox = make_vec_env(
+                    self._env, self.batch_size, self.tokenizer, self.rollout, self.env_kwargs
+                )
+            else:
+                self._vec_env = self._env
+            if self._vec_env.num_envs != self.batch_size:
+                raise ValueError(
+                    f"the vector env has {self._vec_env.num_envs} envs, but prompts_per_iteration "
+                    f"x group_size = {self.batch_size}"
+                )
+        return self._vec_env
+
+    def problem_source(self):
+        """The env's problem source: ``get(id)`` and ``sample(np_random)``."""
+        return problem_source(self.vec_env())
+
+    def sample_problems(self, iteration: int) -> list[str]:
+        rng = np.random.default_rng([self.config.seed, iteration])
+        source = self.problem_source()
+        return [source.sample(rng).id for _ in range(self.config.prompts_per_iteration)]
+
+    def sampling_params(self, seed: int | None) -> SamplingParams:
+        r = self.rollout
+        return SamplingParams(
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            stop=r.stop,
+            seed=seed,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(
+        self, problem_ids: list[str] | None = None, *, n: int = 32, samples: int = 1,
+        temperature: float = 0.0, k: int | None = None,
+    ) -> dict[str, float]:
+        """pass@1 (and pass@k), turns, tool-call and code-error rates on held-out problems."""
+        problem_ids = problem_ids or heldout_problems(self.problem_source(), n)
+        params = dataclasses.replace(
+            self.sampling_params(self.config.seed), temperature=temperature
+        )
+        records = evaluate_problems(
+            self.vec_env(), self.generator, self.tokenizer, problem_ids, params,
+            samples=samples, max_total_tokens=self.rollout.max_total_tokens,
+        )
+        return summarize(records, k)
+
+    # ------------------------------------------------------------------ training
+
+    def learn(self, iterations: int, *, save_every: int = 1, progress: bool = True) -> Agent:
+        """Train until ``self.iteration == iterations`` (a resumed agent continues where it was)."""
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        bar = tqdm(
+            total=iterations, initial=self.iteration, desc=f"{self.name} iterations",
+            disable=not progress, unit="it",
+        )
+        try:
+            while self.iteration < iterations:
+                metrics = self.train_iteration(progress=progress)
+                self.log(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                if self.run_dir is not None and (
+                    self.iteration % save_every == 0 or self.iteration == iterations
+                ):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return self
+
+    def train_iteration(self, progress: bool = False) -> dict[str, float]:
+        """One collect -> shape -> advantages -> update pass; returns its metrics."""
+        it = self.iteration
+        seed = int(np.random.default_rng([self.config.seed, it, 1]).integers(2**31))
+        self._seed_everything(seed)
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        problems = self.sample_problems(it)
+        trajectories = collect(
+            self.vec_env(), self.generator, self.tokenizer, problems, self.config.group_size,
+            self.sampling_params(seed), max_total_tokens=self.rollout.max_total_tokens,
+        )
+        timings["time/rollout_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        tokens, spans = TokenBatch.build(trajectories, self.pad_id)
+        batch = rollout_batch(trajectories, spans, tokens.input_ids.shape[1])
+        if self.config.shaping:
+            batch = shape_rewards(
+                batch, [t.code for t in trajectories], alpha=self.config.shaping_alpha,
+                similarity=self.config.similarity,
+            )
+        values = self.rollout_values(tokens, batch)
+        advantages = self.estimator(batch, self.config, values)
+        timings["time/advantage_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        update = self.update(tokens, batch, advantages, values, progress=progress)
+        timings["time/update_s"] = time.perf_counter() - start
+        self.generator.update_weights(self.policy)
+        self.iteration = it + 1
+
+        generated = sum(t.num_generated for t in trajectories)
+        loss_tokens = int(batch.loss_mask.sum())
+        metrics = {
+            "iteration": self.iteration,
+            **trajectory_metrics(trajectories),
+            **update,
+            **timings,
+            "tokens/generated": generated,
+            "tokens/rollout_per_s": generated / max(timings["time/rollout_s"], 1e-9),
+            "tokens/update_per_s": loss_tokens * self.config.update_epochs
+            / max(timings["time/update_s"], 1e-9),
+        }
+        return metrics
+
+    @torch.no_grad()
+    def rollout_values(self, tokens: TokenBatch, batch: RolloutBatch) -> Tensor | None:
+        """Critic values at rollout time, for agents that have one (PPO)."""
+        return None
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _make_reference(self):
+        reference = copy.deepcopy(self.policy).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        return reference
+
+    def update(
+        self, tokens: TokenBatch, batch: RolloutBatch, advantages, values: Tensor | None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """``update_epochs`` passes of minibatch steps; returns the mean of each metric."""
+        cfg = self.config
+        n = tokens.input_ids.shape[0]
+        loss_mask = batch.loss_mask
+        data = {
+            "input_ids": tokens.input_ids,
+            "attention_mask": tokens.attention_mask,
+            "old_logprobs": tokens.old_logprobs,
+            "advantages": advantages.tokens.float(),
+            "loss_mask": loss_mask,
+        }
+        if values is not None:
+            data["old_values"] = values
+            data["returns"] = advantages.returns.float()
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        generator = torch.Generator().manual_seed(cfg.seed + self.iteration)
+        micro = cfg.minibatch_size // cfg.grad_accum_steps
+        total_steps = cfg.update_epochs * -(-n // cfg.minibatch_size)
+        bar = tqdm(total=total_steps, desc="update", leave=False, disable=not progress)
+        self.trainable.train()
+        for _ in range(cfg.update_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.minibatch_size):
+                rows = order[start : start + cfg.minibatch_size]
+                if not bool(loss_mask[rows].any()):
+                    bar.update(1)
+                    continue
+                denominator = self._denominator(loss_mask[rows])
+                self.optimizer.zero_grad(set_to_none=True)
+                for m in range(0, len(rows), micro):
+                    part = rows[m : m + micro]
+                    width = int(tokens.attention_mask[part].sum(1).max())
+                    mb = {k: v[part, :width].to(self.device) for k, v in data.items()}
+                    for key, value in self._micro_step(mb, denominator).items():
+                        sums[key] += value * len(part) / len(rows)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.trainable.parameters(), cfg.max_grad_norm
+                )
+                self.optimizer.step()
+                sums["grad_norm"] += float(grad_norm)
+                steps += 1
+                bar.update(1)
+        bar.close()
+        self.trainable.eval()
+        return {key: value / max(steps, 1) for key, value in sums.items()}
+
+    def _denominator(self, mask: Tensor) -> float:
+        """The minibatch-wide divisor, so micro-batch losses add up to the minibatch's loss."""
+        mode = self.config.loss_aggregation
+        if mode == "token_mean":
+            return float(mask.sum().clamp(min=1))
+        if mode == "seq_mean":
+            return float((mask.sum(1) > 0).sum().clamp(min=1))
+        return float(mask.shape[0])
+
+    def _micro_step(self, mb: dict[str, Tensor], denominator: float) -> dict[str, float]:
+        cfg = self.config
+        logits, values = self.forward(mb["input_ids"], mb["attention_mask"])
+        mask = mb["loss_mask"]
+        logprobs, entropy = token_logprobs(logits, mb["input_ids"], mask, self.rollout.temperature)
+        del logits
+        ref_logprobs = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(
+                    input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False
+                ).logits
+                ref_logprobs, _ = token_logprobs(
+                    ref_logits, mb["input_ids"], mask, self.rollout.temperature
+                )
+        constant = cfg.loss_constant or (
+            self.rollout.max_new_tokens * self.rollout.max_turns
+            if cfg.loss_aggregation == "constant" else None
+        )
+        out = policy_loss(
+            logprobs, mb["old_logprobs"], mb["advantages"], mask,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,
+            constant=constant, denominator=denominator, ref_logprobs=ref_logprobs,
+            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy=entropy,
+            entropy_coef=cfg.entropy_coef,
+        )
+        loss = out.loss
+        metrics = {f"loss/{k}": float(v) for k, v in out.metrics.items()}
+        extra, extra_metrics = self.extra_loss(values, mb, denominator)
+        if extra is not None:
+            loss = loss + extra
+        metrics.update(extra_metrics)
+        loss.backward()
+        metrics["loss/total"] = float(loss.detach())
+        return metrics
+
+    # ------------------------------------------------------------------ logging, saving
+
+    def log(self, metrics: dict[str, float]) -> None:
+        logger.info(
+            "iteration %d: reward %.3f accuracy %.3f turns %.2f",
+            metrics["iteration"], metrics["reward/mean"], metrics["accuracy"], metrics["turns/mean"],
+        )
+        if self.run_dir is not None:
+            if self._metrics is None:  # drop lines a killed run logged past its last checkpoint
+                self._metrics = MetricsLogger(self.run_dir, truncate_after=metrics["iteration"] - 1)
+            self._metrics.log(metrics, step=int(metrics["iteration"]))
+
+    def save_checkpoint(self) -> Path:
+        """An atomic checkpoint of everything a resumed run needs, under ``run_dir``."""
+        if self.run_dir is None:
+            raise ValueError("this agent has no run_dir to save checkpoints in")
+        return save_checkpoint(
+            self.run_dir, self.iteration, self.trainable, self.tokenizer,
+            trainer_state={
+                "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration,
+                "algo": self.name,
+                "config": self.config.to_dict(),
+                "rollout": dataclasses.asdict(self.rollout),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                },
+            },
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """The trained model as an HF directory (plus the value head for PPO)."""
+        path = Path(path)
+        self.trainable.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def resume(self, checkpoint: str | os.PathLike | None = None) -> bool:
+        """Load the latest (or the given) checkpoint of ``run_dir``; False when there is none."""
+        path = Path(checkpoint) if checkpoint else (
+            latest_checkpoint(self.run_dir) if self.run_dir else None
+        )
+        if path is None:
+            return False
+        state = load_trainer_state(path)
+        self.load_weights(path / "model")
+        if state["algo"] != self.name:
+            raise ValueError(f"checkpoint {path} was written by {state['algo']}, not {self.name}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        logger.info("resumed %s from %s at iteration %d", self.name, path, self.iteration)
+        return True
+
+    def load_weights(self, model_dir: Path) -> None:
+        """Copy the weights saved in ``model_dir`` into the live model (optimizer keeps its refs)."""
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.policy.dtype)
+        self.policy.load_state_dict(saved.state_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, env="TIR-Math-v0", config=None, **kwargs) -> Agent:
+        """An agent around a model saved by ``save`` (or any HF model directory)."""
+        return cls(os.fspath(path), env, config, **kwargs)
+
+    def close(self) -> None:
+        if self._vec_env is not None and isinstance(self._env, str):
+            self._vec_env.close()
+        if self._sandbox is not None:
+            self._sandbox.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        self._vec_env = self._sandbox = self._metrics = None
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

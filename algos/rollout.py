@@ -1,0 +1,247 @@
+"""Multi-turn rollouts over Gymnasium vector envs, token in / token out.
+
+One vector env holds ``P * G`` TIR envs: G copies of each of P prompts (a GRPO group), pinned with
+``reset(options={"problem_id": ..., "reset_mask": ...})``. Every turn, all unfinished envs generate
+in one batch; an env's whole episode is a single assistant message that the model keeps extending:
+
+    prompt ids | turn 1 generated ids | turn 1 env ids (tool output) | turn 2 generated ids | ...
+
+The generated ids are kept exactly as sampled, with their sampling logprobs; only the text the env
+adds (the formatted tool output) is tokenized. Nothing is ever decoded and re-tokenized for training.
+
+Finished envs still have to take part in ``vec_env.step`` (vector envs step in lockstep); they get an
+empty action, which under the default next-step autoreset merely resets them. Their results are
+ignored, and the next collection re-pins every env anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from algos.generation.base import Generator, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+CLOSING_FENCE = "```\n"
+"""Generation stops here: the end of a python block is where the env must run it."""
+
+
+@dataclass
+class RolloutConfig:
+    """How episodes are sampled; shared by training and evaluation."""
+
+    max_new_tokens: int = 256
+    """Token budget of one turn; a turn cut here usually leaves an unclosed fence (a format penalty)."""
+    max_turns: int = 4
+    """Turns per episode before the env truncates it (the env's ``max_turns``)."""
+    max_total_tokens: int = 2048
+    """Budget of a whole episode (prompt, turns and tool output); past it the episode ends as
+    ``context``, so sequences stay within the model's window and memory."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's logprobs use the same one, so ratios start at 1."""
+    top_p: float = 1.0
+    """Nucleus sampling. Below 1 the sampling logprobs no longer match the policy's (see
+    ``algos.generation.base``), which biases the importance ratio."""
+    stop: tuple[str, ...] = (CLOSING_FENCE,)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.max_turns < 1:
+            raise ValueError("max_new_tokens and max_turns must be >= 1")
+        if self.max_total_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"max_total_tokens ({self.max_total_tokens}) must exceed max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        self.stop = tuple(self.stop)
+
+
+@dataclass
+class Turn:
+    """One assistant turn and what the env answered."""
+
+    generated_ids: list[int]
+    logprobs: list[float]
+    """Sampling logprob of each generated id, under the distribution it was sampled from."""
+    env_ids: list[int]
+    """Tokens the env appended after this turn (tool output); empty on the final turn."""
+    reward: float
+    info: dict[str, Any]
+    finish_reason: str
+
+
+@dataclass
+class Trajectory:
+    """One episode: the prompt, its turns, and where it sits in the batch."""
+
+    prompt_ids: list[int]
+    group_id: int
+    problem_id: str
+    turns: list[Turn] = field(default_factory=list)
+    done_reason: str = "running"
+    """``terminated`` (final answer), ``truncated`` (max turns) or ``context`` (token budget hit)."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        ids = list(self.prompt_ids)
+        for turn in self.turns:
+            ids += turn.generated_ids + turn.env_ids
+        return ids
+
+    @property
+    def rewards(self) -> list[float]:
+        return [turn.reward for turn in self.turns]
+
+    @property
+    def correct(self) -> bool:
+        return bool(self.turns) and bool(self.turns[-1].info.get("correct"))
+
+    @property
+    def infra_error(self) -> bool:
+        """The sandbox itself failed at some turn: not the model's fault, so not scored."""
+        return any(t.info.get("exec", {}).get("status") == "infra_error" for t in self.turns)
+
+    @property
+    def code(self) -> str:
+        """All code the trajectory ran, concatenated (what GTPO's shaping compares)."""
+        return "\n".join(t.info.get("code") or "" for t in self.turns)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(t.generated_ids) for t in self.turns)
+
+
+def make_vec_env(
+    env_id: str, num_envs: int, tokenizer, rollout: RolloutConfig,
+    env_kwargs: dict[str, Any] | None = None,
+):
+    """A ``SyncVectorEnv`` of ``num_envs`` copies of ``env_id`` sharing one sandbox.
+
+    Envs render prompts with ``tokenizer``'s chat template and end episodes after
+    ``rollout.max_turns`` turns. Returns ``(vec_env, sandbox)``; the caller closes both.
+    """
+    import gymnasium
+
+    from tir_envs.sandbox import make_sandbox
+
+    kwargs = dict(env_kwargs or {})
+    sandbox = make_sandbox(kwargs.pop("sandbox_backend", "local"), **kwargs.pop("sandbox_kwargs", {}))
+    kwargs = {
+        "tokenizer": tokenizer,
+        "sandbox": sandbox,
+        "max_turns": rollout.max_turns,
+        "max_episode_steps": rollout.max_turns,
+        **kwargs,
+    }
+    try:
+        vec_env = gymnasium.vector.SyncVectorEnv(
+            [lambda: gymnasium.make(env_id, **kwargs)] * num_envs
+        )
+    except BaseException:
+        sandbox.close()
+        raise
+    return vec_env, sandbox
+
+
+def unbatch_info(infos: dict[str, Any], index: int) -> dict[str, Any]:
+    """Pick env ``index``'s entries out of a vector env's batched info dict."""
+    out: dict[str, Any] = {}
+    for key, value in infos.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            out[key] = unbatch_info(value, index)
+        elif infos.get(f"_{key}", np.ones(index + 1, bool))[index]:
+            item = value[index]
+            out[key] = item.item() if isinstance(item, np.generic) else item
+    return out
+
+
+def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a reset observation.
+
+    An env made with ``tokenizer=`` renders its prompt through the chat template, so the text
+    already carries the template's special tokens and opens the assistant message; a plain-text
+    prompt gets the tokenizer's own special tokens (e.g. BOS).
+    """
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+
+
+def collect(
+    vec_env,
+    generator: Generator,
+    tokenizer,
+    problem_ids: list[str],
+    group_size: int,
+    sampling: SamplingParams,
+    max_total_tokens: int = 2048,
+) -> list[Trajectory]:
+    """Roll out ``group_size`` episodes of each problem; returns ``len(problem_ids) * group_size`` records.
+
+    Envs ``[k * group_size, (k + 1) * group_size)`` form group ``k`` on ``problem_ids[k]``.
+    """
+    num_envs = len(problem_ids) * group_size
+    if vec_env.num_envs != num_envs:
+        raise ValueError(
+            f"vector env has {vec_env.num_envs} envs; {len(problem_ids)} prompts x {group_size} "
+            f"samples need {num_envs}"
+        )
+    observations = [None] * num_envs
+    for group, problem_id in enumerate(problem_ids):
+        mask = np.zeros(num_envs, dtype=bool)
+        mask[group * group_size : (group + 1) * group_size] = True
+        obs, _ = vec_env.reset(options={"problem_id": problem_id, "reset_mask": mask})
+        for i in np.flatnonzero(mask):
+            observations[i] = obs[i]
+
+    trajectories = [
+        Trajectory(
+            prompt_ids=prompt_token_ids(tokenizer, observations[i]),
+            group_id=i // group_size,
+            problem_id=problem_ids[i // group_size],
+        )
+        for i in range(num_envs)
+    ]
+    contexts = [list(t.prompt_ids) for t in trajectories]
+    active = [True] * num_envs
+
+    while any(active):
+        running = [i for i in range(num_envs) if active[i]]
+        completions = generator.generate([contexts[i] for i in running], sampling)
+        actions = [""] * num_envs
+        for i, completion in zip(running, completions):
+            actions[i] = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        obs, rewards, terminated, truncated, infos = vec_env.step(tuple(actions))
+        for i, completion in zip(running, completions):
+            trajectory = trajectories[i]
+            done = bool(terminated[i] or truncated[i])
+            env_ids = [] if done else tokenizer(obs[i], add_special_tokens=False)["input_ids"]
+            trajectory.turns.append(
+                Turn(
+                    generated_ids=list(completion.token_ids),
+                    logprobs=list(completion.logprobs),
+                    env_ids=env_ids,
+                    reward=float(rewards[i]),
+                    info=unbatch_info(infos, i),
+                    finish_reason=completion.finish_reason,
+                )
+            )
+            contexts[i] += completion.token_ids + env_ids
+            if terminated[i]:
+                trajectory.done_reason = "terminated"
+            elif truncated[i]:
+                trajectory.done_reason = "truncated"
+            elif len(contexts[i]) + sampling.max_new_tokens > max_total_tokens:
+                trajectory.done_reason = "context"
+                # The final tool output is never trained on, so drop it from the record.
+                trajectory.turns[-1].env_ids = []
+            else:
+                continue
+            active[i] = False
+    return trajectories
