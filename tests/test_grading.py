@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tir_envs.data import BENCHMARKS, load_benchmark, read_records
-from tir_envs.grading import Grader, grade, judge, last_boxed, normalize_answer
+from tir_envs.grading import Grader, default_grader, grade, judge, last_boxed, normalize_answer
 
 logger = logging.getLogger(__name__)
 
@@ -403,24 +403,29 @@ def test_close_leaves_no_worker_processes():
 
 
 def _grade_in_child(queue) -> None:
-    queue.put(
-        (
-            os.getpid(),
-            grade("\\frac{1}{\\sqrt3}", "\\frac{\\sqrt3}{3}", timeout_s=10),
-            grade("9^{9^{9^{9}}}", "1", timeout_s=0.5),
-        )
-    )
+    hard = grade("\\frac{1}{\\sqrt3}", "\\frac{\\sqrt3}{3}", timeout_s=10)
+    pathological = grade("9^{9^{9^{9}}}", "1", timeout_s=0.5)
+    queue.put((os.getpid(), hard, pathological, default_grader().worker_pids()))
 
 
 @pytest.mark.parametrize("daemon", [False, True])
 def test_grading_in_forked_and_daemonic_children(daemon):
-    """AsyncVectorEnv workers are forked daemonic processes: no multiprocessing children there."""
+    """AsyncVectorEnv workers are forked daemonic processes: no multiprocessing children there.
+
+    Such a child exits without running atexit, so its grading workers notice they are orphaned.
+    """
     assert grade("\\sqrt{8}", "2\\sqrt{2}")  # the parent's default grader has a live worker
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_grade_in_child, args=(queue,), daemon=daemon)
     child.start()
-    pid, hard_ok, pathological = queue.get(timeout=60)
+    pid, hard, pathological, child_workers = queue.get(timeout=60)
     child.join(timeout=30)
-    assert pid == child.pid and hard_ok is True and pathological is False
+    assert pid == child.pid and hard is True and pathological is False
     assert judge("\\sqrt{18}", "3\\sqrt{2}").method == "math_verify"  # parent unaffected
+    assert child_workers and not set(child_workers) & set(default_grader().worker_pids())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(map(psutil.pid_exists, child_workers)):
+        time.sleep(0.1)
+    survivors = [p for p in child_workers if psutil.pid_exists(p)]
+    assert all(psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in survivors)

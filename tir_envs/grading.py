@@ -341,7 +341,7 @@ def _serve(memory_limit_mb: int) -> None:
     out.flush()
     stdin = sys.stdin.buffer
     while True:
-        readable, _, _ = select.select([stdin], [], [], 1.0)
+        readable, _, _ = select.select([stdin], [], [], 0.25)  # poll for orphaning
         if os.getppid() != parent:
             return  # orphaned: nobody will read our answers
         if not readable:
