@@ -118,8 +118,8 @@ def recv_frame_blocking(sock: socket.socket, with_fds: bool = False):
 
 CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
@@ -312,7 +312,7 @@ def _drop_to(uid: int) -> None:
 def _stage_a(sock_fd: int, control_fd: int, config: dict) -> None:
     os.close(control_fd)  # the kernel must never be able to ask the zygote for anything
     os.closerange(3, sock_fd)
-    os.closerange(sock_fd + 1, 65536)
+    os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -374,7 +374,7 @@ def _isolate_and_fork(sock: socket.socket, config: dict) -> None:
         os.close(fd)
     os.write(go_write, b"!")
     os.close(go_write)
-    if layers["unprivileged"] and os.geteuid() != 0:
+    if os.geteuid() != 0:  # (still root only without a user namespace: then K drops)
         drop_capabilities()
     _supervise(sock, kernel_pid, wake_read)
 
@@ -550,11 +550,10 @@ def _stage_kernel(sock: socket.socket, config: dict, out_fd: int, err_fd: int) -
     os.setsid()
     if layers["mount_ns"] and layers["pid_ns"]:  # /proc shows only this namespace
         _step("pid_ns", mount, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    if layers["unprivileged"]:
-        if os.geteuid() == 0:  # root without a user namespace: drop to the sandbox uid here
-            _step("unprivileged", _drop_to, config["uid"])
-        _step("unprivileged", drop_capabilities)
-        _step("unprivileged", prctl, PR_SET_DUMPABLE, 0)  # no core dumps, no ptrace by peers
+    if os.geteuid() == 0:  # root without a user namespace: drop to the sandbox uid here
+        _step("unprivileged", _drop_to, config["uid"])
+    _step("unprivileged", drop_capabilities)
+    _step("unprivileged", prctl, PR_SET_DUMPABLE, 0)  # no core dumps, no ptrace by peers
     os.environ.clear()
     os.environ.update(KERNEL_ENV)
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import select
 import shutil
@@ -59,7 +60,9 @@ ZYGOTE_START_TIMEOUT_S = 120.0
 KERNEL_START_TIMEOUT_S = 30.0
 KILL_WAIT_S = 5.0
 NAMESPACE_LAYERS = ("user_ns", "net_ns", "mount_ns", "pid_ns", "ipc_ns")
-SETUP_LAYERS = (*NAMESPACE_LAYERS, "filesystem_view", "unprivileged")
+SETUP_LAYERS = (*NAMESPACE_LAYERS, "filesystem_view")
+"""Layers the probe may switch off when this machine refuses them. Dropping privileges is not
+one of them: a kernel that cannot shed root does not start at all."""
 REPORTED_LAYERS = (*NAMESPACE_LAYERS, "readonly_root", "private_tmp", "hidden_host_paths",
                    "unprivileged", "scrubbed_env", "rlimits", "cgroup_pids", "cgroup_memory")
 ZYGOTE_ENV = {"PATH": wire.KERNEL_ENV["PATH"], "LANG": "C.UTF-8", **wire.THREAD_ENV}
@@ -243,6 +246,7 @@ class _Kernel:
         self.out_fd, self.err_fd, self.group, self.limits = out_fd, err_fd, group, limits
         self.report = report
         self.alive = True
+        self._signal_lock = threading.Lock()  # never signal through a pidfd number reused
         self._finalizer = weakref.finalize(self, _release_kernel, pidfd, [out_fd, err_fd],
                                            channel, group, tmp_dir)
 
@@ -257,8 +261,10 @@ class _Kernel:
             note = (f"TimeoutError: the cell ran longer than {timeout:g} s and was killed "
                     "with everything it started")
             self.kill()
-        except (OSError, _ProtocolError) as exc:
-            status, note = ExecStatus.ERROR, f"SandboxError: kernel connection broken ({exc!r})"
+        except OSError:  # the kernel and its supervisor are both gone
+            status, note = self._interpret(None)
+        except _ProtocolError as exc:  # the code wrote garbage into the kernel's socket
+            status, note = ExecStatus.ERROR, f"SandboxError: kernel protocol broken ({exc})"
             self.kill()
         else:
             status, note = self._interpret(frame)
@@ -308,7 +314,10 @@ class _Kernel:
         if sig in (signal.SIGKILL, signal.SIGXCPU) and cpu_s >= 0.8 * self.limits.cpu_s:
             return ExecStatus.TIMEOUT, (f"TimeoutError: the kernel used up its CPU time limit "
                                         f"({self.limits.cpu_s} s) and was killed")
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         return ExecStatus.ERROR, f"KernelDied: the kernel was killed by {name}"
 
     def _collect_output(self) -> tuple[str, str, bool]:
@@ -325,16 +334,19 @@ class _Kernel:
 
     def kill(self) -> None:
         """SIGKILL the namespace init; safe from any thread, any number of times."""
-        if self.alive:
-            self.alive = False
-            try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except OSError:
-                pass
+        with self._signal_lock:
+            if self.alive:
+                self.alive = False
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def release(self) -> None:
-        self.alive = False
-        self._finalizer()
+        """Kill, wait, close the descriptors, remove the cgroup."""
+        with self._signal_lock:
+            self.alive = False
+            self._finalizer()
 
     def abandon(self) -> None:
         """In a forked child: drop our copies of the parent's kernel without touching it."""
@@ -366,8 +378,8 @@ class LocalSession(Session):
         if not isinstance(code, str):
             raise TypeError(f"code must be str, not {type(code).__name__}")
         timeout = self._sandbox.limits.timeout_s if timeout is None else float(timeout)
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
         with self._lock:
             if self._closed:
                 raise SandboxError("this sandbox session is closed")
@@ -523,7 +535,7 @@ class LocalSandbox(Sandbox):
         layers = {
             **{name: self._layers[name] for name in NAMESPACE_LAYERS},
             "readonly_root": view, "private_tmp": view, "hidden_host_paths": view,
-            "unprivileged": self._layers["unprivileged"],
+            "unprivileged": True,
             "scrubbed_env": bool(report["layers"].get("scrubbed_env")),
             "rlimits": bool(report["layers"].get("rlimits")),
             "cgroup_pids": "pids" in self._cgroups.controllers,
@@ -639,7 +651,7 @@ class LocalSandbox(Sandbox):
     def _host_tmp_dir(self) -> str:
         """Without a filesystem view, each kernel still gets a directory of its own."""
         path = tempfile.mkdtemp(prefix="tir-kernel-")
-        if os.geteuid() == 0 and self._layers["unprivileged"]:
+        if os.geteuid() == 0:
             os.chown(path, self.sandbox_uid, self.sandbox_uid)
         return path
 
