@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -73,7 +72,9 @@ class InstantSandbox(Sandbox):
 @contextlib.contextmanager
 def stubbed_grader():
     real = grading.judge
-    grading.judge = lambda predicted, gold, timeout_s=5.0: grading.Verdict(predicted == gold, "stub")
+    grading.judge = lambda predicted, gold, timeout_s=5.0: grading.Verdict(
+        predicted == gold, "stub"
+    )
     try:
         yield
     finally:
@@ -137,7 +138,11 @@ def bench_grading(data_dir: Path) -> dict:
     problems = data.load_benchmark("math500", data_dir=data_dir)
     cases = {
         "gold vs gold, default grader": (grading.Grader(), lambda g: g, True),
-        "gold vs gold, math-verify only": (grading.Grader(use_string_layer=False), lambda g: g, True),
+        "gold vs gold, math-verify only": (
+            grading.Grader(use_string_layer=False),
+            lambda g: g,
+            True,
+        ),
         "(gold)+1 vs gold, default grader": (grading.Grader(), lambda g: f"({g})+1", False),
     }
     results = {}
@@ -151,8 +156,11 @@ def bench_grading(data_dir: Path) -> dict:
             if verdict.correct != expected:
                 unexpected.append(problem.id)
         grader.close()
-        results[name] = {**percentiles(latencies), "expected_verdicts": len(problems) - len(unexpected),
-                         "unexpected": unexpected}
+        results[name] = {
+            **percentiles(latencies),
+            "expected_verdicts": len(problems) - len(unexpected),
+            "unexpected": unexpected,
+        }
     return results
 
 
@@ -223,8 +231,11 @@ def bench_oracle(episodes: int) -> list[dict]:
 
 def machine() -> dict:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
     commit = subprocess.run(
@@ -251,7 +262,7 @@ def to_markdown(results: dict) -> str:
         f"gymnasium {m['gymnasium']} · commit {m['commit']}",
         "",
         f"Load average (1 min) at start {m['load_average_1m_at_start']:.2f}, at end "
-        f"{results['load_average_1m_at_end']:.2f}: the machine is shared, so other work can slow runs.",
+        f"{results['load_average_1m_at_end']:.2f} (a shared machine: other work slows runs).",
         "",
         "## Env overhead without sandbox and grader",
         "",
@@ -264,10 +275,15 @@ def to_markdown(results: dict) -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, stats in results["step_overhead"].items():
-        lines.append(f"| {name} | {stats['p50_ms']:.3f} | {stats['p99_ms']:.3f} | {stats['mean_ms']:.3f} |")
+        lines.append(
+            f"| {name} | {stats['p50_ms']:.3f} | {stats['p99_ms']:.3f} | {stats['mean_ms']:.3f} |"
+        )
     lines += ["", "## Grading latency over all MATH-500 gold answers", ""]
     if "grading" in results:
-        lines += ["| case | p50 ms | p99 ms | max ms | expected verdicts |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "| case | p50 ms | p99 ms | max ms | expected verdicts |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, g in results["grading"].items():
             lines.append(
                 f"| {name} | {g['p50_ms']:.3f} | {g['p99_ms']:.2f} | {g['max_ms']:.1f} | "
@@ -286,7 +302,9 @@ def to_markdown(results: dict) -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, stats in results["session_lifecycle"].items():
-        lines.append(f"| {name} | {stats['p50_ms']:.2f} | {stats['p99_ms']:.2f} | {stats['mean_ms']:.2f} |")
+        lines.append(
+            f"| {name} | {stats['p50_ms']:.2f} | {stats['p99_ms']:.2f} | {stats['mean_ms']:.2f} |"
+        )
     lines += [
         "",
         "## Scripted oracle through vector envs (real local sandbox, real grader)",
@@ -306,7 +324,9 @@ def to_markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TIR_DATA_DIR", DEFAULT_DATA_DIR)))
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("TIR_DATA_DIR", DEFAULT_DATA_DIR))
+    )
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()

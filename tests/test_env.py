@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 
@@ -133,8 +132,12 @@ def test_seeded_reset_is_reproducible(env):
 
 def test_pinning_a_problem(env):
     obs, info = env.reset(options={"problem_id": "proc/modpow/3"})
-    assert info["problem_id"] == "proc/modpow/3" and obs.endswith(from_id("proc/modpow/3").question + "\n")
-    assert env.reset(options={"problem_index": 5})[1]["problem_id"] == env.unwrapped.source.get(5).id
+    assert info["problem_id"] == "proc/modpow/3" and obs.endswith(
+        from_id("proc/modpow/3").question + "\n"
+    )
+    assert (
+        env.reset(options={"problem_index": 5})[1]["problem_id"] == env.unwrapped.source.get(5).id
+    )
     with pytest.raises(ValueError, match="unknown reset options"):
         env.reset(options={"problem_idx": 5})
     with pytest.raises(ValueError, match="not both"):
@@ -157,7 +160,7 @@ def test_reset_info_carries_chat_messages(env):
     assert info["turn"] == 0
 
 
-# ---------------------------------------------------------------------------- the oracle and the turns
+# ---------------------------------------------------------------- the oracle and the turns
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -180,7 +183,7 @@ def test_oracle_solves_every_kind(env, kind):
 def test_state_persists_across_turns(env):
     env.reset(seed=0)
     env.step(tool("import math\nx = math.factorial(20)"))
-    obs, *_ , info = env.step(tool("print(x % 1000003)"))
+    obs, *_, info = env.step(tool("print(x % 1000003)"))
     assert obs == f"```output\n{2432902008176640000 % 1000003}\n```\n"
     obs, *_ = env.step(tool("x // 10**15"))  # a trailing expression is displayed
     assert obs == "```output\n2432\n```\n"
@@ -198,7 +201,9 @@ def test_final_turn_without_a_box(env):
     env.reset(seed=3)
     env.step(tool("print(2)"))
     obs, reward, terminated, _, info = env.step("I could not finish.")
-    assert terminated and info["final_answer"] is None and info["correct"] is False and reward == 0.0
+    assert (
+        terminated and info["final_answer"] is None and info["correct"] is False and reward == 0.0
+    )
     assert info["grading"] == "empty"
 
 
@@ -229,7 +234,7 @@ def test_timeout_in_code(sandbox):
     assert time.monotonic() - start < 10
     assert info["exec"]["status"] == "timeout" and "TimeoutError" in obs
     assert reward == 0.0 and not terminated
-    obs, reward, *_ , info = env.step(tool("print('still here')"))
+    obs, reward, *_, info = env.step(tool("print('still here')"))
     assert info["exec"]["status"] == "ok" and "still here" in obs
     env.close()
 
@@ -245,7 +250,9 @@ def test_timeout_in_code(sandbox):
 def test_invalid_tool_calls(env, action, error, status):
     env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(action)
-    assert info["format_error"] == error and info["exec"]["status"] == status and info["tool_called"]
+    assert (
+        info["format_error"] == error and info["exec"]["status"] == status and info["tool_called"]
+    )
     assert reward == pytest.approx(-0.1) and not terminated
     assert obs.startswith("```output\n")
     if error == "syntax_error":
@@ -276,7 +283,9 @@ def test_step_after_termination_and_before_reset(sandbox):
     env.close()
 
 
-@pytest.mark.parametrize("action", [None, 42, b"```python\nprint(1)\n```", ["text"], np.array(["x"])])
+@pytest.mark.parametrize(
+    "action", [None, 42, b"```python\nprint(1)\n```", ["text"], np.array(["x"])]
+)
 def test_non_string_action(env, action):
     env.reset(seed=0)
     with pytest.raises(TypeError, match="action must be a str"):
@@ -300,7 +309,9 @@ def test_odd_unicode(env):
     assert info["exec"]["status"] == "ok" and "中文 😀" in obs
     obs, *_, info = env.step(tool("print('\ud800')"))  # a lone surrogate cannot even be encoded
     assert info["format_error"] == "syntax_error"
-    obs, *_, info = env.step(tool("import sys\nsys.stdout.buffer.write(b'\\xff\\xfe bad bytes\\n')"))
+    obs, *_, info = env.step(
+        tool("import sys\nsys.stdout.buffer.write(b'\\xff\\xfe bad bytes\\n')")
+    )
     assert info["exec"]["status"] in ("ok", "error") and isinstance(obs, str)
     obs, reward, terminated, _, info = env.step("\\boxed{😀\ud800\u202e}")
     assert terminated and info["correct"] is False
@@ -367,7 +378,9 @@ def test_broken_shared_sandbox_gives_infra_errors_and_no_crash():
 
 
 def test_reward_weights_and_custom_reward_fn(sandbox):
-    env = gym.make("TIR-Math-v0", sandbox=sandbox, reward_weights={"no_tool_call": 0.0, "correct": 5.0})
+    env = gym.make(
+        "TIR-Math-v0", sandbox=sandbox, reward_weights={"no_tool_call": 0.0, "correct": 5.0}
+    )
     env.reset(options={"problem_id": "proc/binomial/0"})
     answer = from_id("proc/binomial/0").answer
     assert env.step(f"\\boxed{{{answer}}}")[1] == 5.0
@@ -398,10 +411,6 @@ def test_render_ansi_is_the_transcript(sandbox):
 
 
 # ---------------------------------------------------------------------------- vector envs
-
-
-def _oracle_actions(obs, infos) -> list[str]:
-    return [oracle_turn(pid, o) for o, pid in zip(obs, infos["problem_id"])]
 
 
 def _run_oracle(vec_env, episodes: int, seed: int = 0) -> list[float]:

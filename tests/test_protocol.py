@@ -60,14 +60,18 @@ class TestCodeBlocks:
     def test_unclosed_last_block_invalidates_the_turn(self):
         turn = parse_turn("```python\na = 1\n```\n```python\nprint(a")
         assert turn.format_error == "unclosed_fence"
-        assert parse_turn("```python\na = 1\n```\n```python\nprint(a", blocks="first").format_error is None
+        assert (
+            parse_turn("```python\na = 1\n```\n```python\nprint(a", blocks="first").format_error
+            is None
+        )
 
     @pytest.mark.parametrize("text", ["```python\n```", "```python\n   \n\n```", "```python```"])
     def test_empty_code(self, text):
         assert parse_turn(text).format_error == "empty_code"
 
     @pytest.mark.parametrize(
-        "code", ["print(1", "def f(:\n    pass", "x = 1\n  y = 2", "a = '\x00'\x00", "(" * 300 + ")" * 300]
+        "code",
+        ["print(1", "def f(:\n    pass", "x = 1\n  y = 2", "a = '\x00'\x00", "(" * 300 + ")" * 300],
     )
     def test_code_that_does_not_parse(self, code):
         turn = parse_turn(f"```python\n{code}\n```")
@@ -76,7 +80,9 @@ class TestCodeBlocks:
 
     def test_inline_and_indented_blocks(self):
         assert parse_turn("run ```python print(7)``` please").code == "print(7)"
-        assert parse_turn("1. step\n   ```python\n   x = 1\n   print(x)\n   ```").format_error is None
+        assert (
+            parse_turn("1. step\n   ```python\n   x = 1\n   print(x)\n   ```").format_error is None
+        )
 
     def test_box_in_a_tool_turn_is_not_an_answer(self):
         turn = parse_turn("```python\nprint(2)\n```\nSo the answer is \\boxed{2}.")
@@ -172,7 +178,9 @@ class TestDisplayLastExpression:
 class TestOutput:
     def test_stdout_then_stderr(self):
         result = ExecResult(ExecStatus.ERROR, "partial\n", "Traceback ...\nZeroDivisionError\n")
-        assert format_output(result) == "```output\npartial\nTraceback ...\nZeroDivisionError\n```\n"
+        assert (
+            format_output(result) == "```output\npartial\nTraceback ...\nZeroDivisionError\n```\n"
+        )
 
     def test_empty_output(self):
         assert format_output(ExecResult(ExecStatus.OK)) == "```output\n\n```\n"
@@ -191,7 +199,9 @@ class TestOutput:
 
     def test_no_second_note_when_the_sandbox_explained(self):
         result = ExecResult(ExecStatus.TIMEOUT, "", "TimeoutError: the cell ran longer than 1 s\n")
-        assert format_output(result) == "```output\nTimeoutError: the cell ran longer than 1 s\n```\n"
+        assert (
+            format_output(result) == "```output\nTimeoutError: the cell ran longer than 1 s\n```\n"
+        )
 
     def test_truncation_keeps_head_and_tail(self):
         text = "HEAD" + "x" * 10_000 + "TAIL"

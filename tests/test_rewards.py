@@ -29,7 +29,12 @@ def outcome(**changes) -> TurnOutcome:
 
 def final(correct: bool, turn: int = 2) -> TurnOutcome:
     return outcome(
-        turn=turn, tool_called=False, exec_status=None, final=True, final_answer="2", correct=correct
+        turn=turn,
+        tool_called=False,
+        exec_status=None,
+        final=True,
+        final_answer="2",
+        correct=correct,
     )
 
 
@@ -41,12 +46,27 @@ def final(correct: bool, turn: int = 2) -> TurnOutcome:
         (final(False), {"accuracy": 0.0, "format": 0.0, "execution": 0.0}),
         (final(True, turn=1), {"accuracy": 1.0, "format": -0.1, "execution": 0.0}),
         (final(False, turn=1), {"accuracy": 0.0, "format": -0.1, "execution": 0.0}),
-        (outcome(format_error="unclosed_fence", exec_status=None), {"accuracy": 0.0, "format": -0.1, "execution": 0.0}),
-        (outcome(format_error="empty_code", exec_status=None, turn=1), {"accuracy": 0.0, "format": -0.1, "execution": 0.0}),
-        (outcome(format_error="syntax_error", exec_status="error"), {"accuracy": 0.0, "format": -0.1, "execution": 0.0}),
-        (outcome(format_error="action_too_long", tool_called=False, exec_status=None, turn=1), {"accuracy": 0.0, "format": -0.1, "execution": 0.0}),
+        (
+            outcome(format_error="unclosed_fence", exec_status=None),
+            {"accuracy": 0.0, "format": -0.1, "execution": 0.0},
+        ),
+        (
+            outcome(format_error="empty_code", exec_status=None, turn=1),
+            {"accuracy": 0.0, "format": -0.1, "execution": 0.0},
+        ),
+        (
+            outcome(format_error="syntax_error", exec_status="error"),
+            {"accuracy": 0.0, "format": -0.1, "execution": 0.0},
+        ),
+        (
+            outcome(format_error="action_too_long", tool_called=False, exec_status=None, turn=1),
+            {"accuracy": 0.0, "format": -0.1, "execution": 0.0},
+        ),
         (outcome(exec_status="error"), {"accuracy": 0.0, "format": 0.0, "execution": 0.0}),
-        (outcome(exec_status="infra_error", turn=1), {"accuracy": 0.0, "format": 0.0, "execution": 0.0}),
+        (
+            outcome(exec_status="infra_error", turn=1),
+            {"accuracy": 0.0, "format": 0.0, "execution": 0.0},
+        ),
     ],
 )
 def test_paper_defaults(case, expected):
@@ -54,7 +74,9 @@ def test_paper_defaults(case, expected):
 
 
 def test_every_weight_is_a_knob():
-    reward = TurnReward(correct=2.0, incorrect=-1.0, invalid_tool_call=-0.5, no_tool_call=-0.3, exec_error=-0.2)
+    reward = TurnReward(
+        correct=2.0, incorrect=-1.0, invalid_tool_call=-0.5, no_tool_call=-0.3, exec_error=-0.2
+    )
     assert reward(final(True))["accuracy"] == 2.0
     assert reward(final(False))["accuracy"] == -1.0
     assert reward(final(False, turn=1))["format"] == -0.3

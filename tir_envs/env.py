@@ -44,7 +44,8 @@ class UnicodeText(Text):
     """A ``Text`` space that contains every string up to ``max_length`` characters.
 
     Gymnasium's ``Text`` checks each character against an explicit charset; listing all of Unicode
-    would cost hundreds of MB. ``contains`` here accepts any ``str``; the charset only drives ``sample``.
+    would cost hundreds of MB. ``contains`` here accepts any ``str``; the charset only drives
+    ``sample``.
     """
 
     def __init__(self, max_length: int, *, min_length: int = 0, seed: Any = None):
@@ -65,7 +66,7 @@ class UnicodeText(Text):
 
 
 class SharedTextBatch(Sequence):
-    """A live view of ``n`` strings in a shared int32 buffer: ``[length, code points...]`` per slot."""
+    """A live view of ``n`` strings in a shared int32 buffer: ``[length, code points...]`` each."""
 
     def __init__(self, buffer: Any, n: int, max_length: int):
         self._buffer, self._n, self._stride = buffer, n, max_length + 1
@@ -119,42 +120,46 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     r"""Solve a math problem in turns, running Python in a sandbox between them.
 
     ## Description
-    Tool-Integrated Reasoning (TIR): the model reads a problem, writes reasoning and a ```` ```python ````
-    block, the block runs in a sandboxed Python kernel, its output comes back as the next observation,
-    and so on until the model answers in ``\boxed{}``. Every turn gets its own reward, the signal that
-    turn-level methods such as GTPO (arXiv 2511.14846) learn from. ``tir_envs.protocol`` holds the exact
-    parsing rules.
+    Tool-Integrated Reasoning (TIR): the model reads a problem, writes reasoning and a python code
+    block, the block runs in a sandboxed Python kernel, its output comes back as the next
+    observation, and so on until the model answers in ``\boxed{}``. Every turn gets its own
+    reward, the signal that turn-level methods such as GTPO (arXiv 2511.14846) learn from.
+    ``tir_envs.protocol`` holds the exact parsing rules.
 
     ## Action Space
-    ``UnicodeText(max_action_chars)``: one assistant turn, any string. A turn with a python block is a
-    *tool turn*; a turn without one is the *final turn*. Several blocks in one turn run as one cell
-    (``code_blocks="all"``). A turn over ``max_action_chars`` is not parsed or run: it is rejected with a
-    format penalty and the episode goes on. A non-``str`` action raises ``TypeError``.
+    ``UnicodeText(max_action_chars)``: one assistant turn, any string. A turn with a python block is
+    a *tool turn*; a turn without one is the *final turn*. Several blocks in one turn run as one
+    cell (``code_blocks="all"``). A turn over ``max_action_chars`` is not parsed or run: it is
+    rejected with a format penalty and the episode goes on. A non-``str`` action raises
+    ``TypeError``.
 
     ## Observation Space
-    ``UnicodeText(max_observation_chars)``. After ``reset``: the prompt (instructions + question; rendered with
-    ``tokenizer``'s chat template when one is given). After a tool turn: the formatted output
-    ```` ```output\n...\n```\n```` (stdout, stderr, a note on timeout/memory/limits; the middle of
-    overlong output is cut to ``max_output_chars``). After the final turn: ``""``. The gold answer never
-    appears in an observation.
+    ``UnicodeText(max_observation_chars)``. After ``reset``: the prompt (instructions + question;
+    rendered with ``tokenizer``'s chat template when one is given). After a tool turn: the formatted
+    output ```` ```output\n...\n```\n```` (stdout, then stderr, where the sandbox explains a
+    timeout, a memory kill or a kernel restart, after which earlier variables are gone); the middle
+    of overlong output is cut to ``max_output_chars``. After the final turn: ``""``. The gold answer
+    never appears in an observation.
 
     ## Rewards
-    Per turn, the sum of named components (``tir_envs.rewards.TurnReward``, all weights configurable):
-    ``accuracy`` +1.0 on a final turn whose last ``\boxed{}`` is equivalent to the gold answer;
-    ``format`` -0.1 on an invalid tool call (unclosed fence, empty code, code that does not parse,
-    overlong turn) and -0.1 on a first turn that answers without calling the tool; ``execution`` 0 by
-    default. A sandbox ``infra_error`` is never penalized.
+    Per turn, the sum of named components (``tir_envs.rewards.TurnReward``, all weights
+    configurable): ``accuracy`` +1.0 on a final turn whose last ``\boxed{}`` is equivalent to the
+    gold answer; ``format`` -0.1 on an invalid tool call (unclosed fence, empty code, code that does
+    not parse, overlong turn) and -0.1 on a first turn that answers without calling the tool;
+    ``execution`` 0 by default. A sandbox ``infra_error`` is never penalized.
 
     ## Starting State
     A problem drawn from the env's source with its ``np_random``, or pinned by
-    ``reset(options={"problem_id": id})`` / ``{"problem_index": i}`` (how GRPO rolls out one problem G times).
-    A fresh sandbox session (a stateful kernel) is opened at the episode's first tool call.
+    ``reset(options={"problem_id": id})`` / ``{"problem_index": i}`` (how GRPO rolls out one problem
+    G times). A fresh sandbox session (a stateful kernel) is opened at the episode's first tool
+    call.
 
     ## Episode End
     - Termination: a final turn (no python block), graded.
-    - Truncation: ``max_turns`` turns without a final one (also registered as ``max_episode_steps``).
-    Stepping an ended episode raises ``gymnasium.error.ResetNeeded``. Its session is closed as soon as it
-    ends, when ``reset`` starts another, and by ``close``.
+    - Truncation: ``max_turns`` turns without a final one (also registered as
+      ``max_episode_steps``).
+    Stepping an ended episode raises ``gymnasium.error.ResetNeeded``. Its session is closed as soon
+    as it ends, when ``reset`` starts another, and by ``close``.
 
     ## Information
     ``reset`` returns ``problem_id``, ``source``, ``turn`` (0) and ``messages`` (the prompt as chat
@@ -163,10 +168,12 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     - ``turn`` (int, 1-based), ``problem_id`` (str)
     - ``tool_called`` (bool): the turn has a python block, valid or not
     - ``code`` (str): the code the turn asked to run, as written (``""`` if none)
-    - ``exec``: ``{status, stdout, stderr, duration_s}``; status is ``ok | error | timeout | memory |
-      output_limit | infra_error``, or ``not_run`` (no tool call, unclosed fence, empty code, overlong
-      turn). Unparsable code is not sent to the sandbox and reports ``error`` with its ``SyntaxError``.
-    - ``format_error`` (str | None): ``unclosed_fence | empty_code | syntax_error | action_too_long``
+    - ``exec``: ``{status, stdout, stderr, duration_s}``; status is ``ok | error | timeout | memory
+      | output_limit | infra_error``, or ``not_run`` (no tool call, unclosed fence, empty code,
+      overlong turn). Unparsable code is not sent to the sandbox and reports ``error`` with its
+      ``SyntaxError``.
+    - ``format_error`` (str | None): ``unclosed_fence | empty_code | syntax_error |
+      action_too_long``
     - ``final_answer`` (str | None), ``correct`` (bool | None): set on the final turn only
     - ``grading`` (str | None): which grader layer decided (``tir_envs.grading.Verdict.method``); a
       ``timeout`` or ``worker_error`` there means "could not decide", not a wrong answer
@@ -179,24 +186,25 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     env = gymnasium.make("TIR-MATH500-v0", data_dir="data/")      # or TIR_DATA_DIR
     env = gymnasium.make("TIR-Math-v0", problems="my.jsonl", fields={"answer_field": "target"})
     ```
-    - ``problems``: ``"procedural"`` (default), a benchmark name (``math500``, ``aime24``, ``amc23``,
-      ``gsm8k``, ``svamp``), a path to a jsonl/parquet file, or a problem source object. Files are read
-      at the first ``reset``, so making an env never fails on a missing file.
+    - ``problems``: ``"procedural"`` (default), a benchmark name (``math500``, ``aime24``,
+      ``amc23``, ``gsm8k``, ``svamp``), a path to a jsonl/parquet file, or a problem source object.
+      Files are read at the first ``reset``, so making an env never fails on a missing file.
     - ``data_dir``: where benchmark files live (default ``$TIR_DATA_DIR``).
     - ``fields``: keyword arguments for ``tir_envs.data.load_file`` (``question_field``, ...).
     - ``kinds``: procedural problem kinds (default: all of ``tir_envs.procedural.KINDS``).
     - ``max_turns``: turns before truncation. Through ``gymnasium.make`` also pass
       ``max_episode_steps`` (its ``TimeLimit`` wrapper defaults to 4).
     - ``system_prompt``, ``user_template``, ``tokenizer``: the prompt (``tir_envs.protocol``).
-    - ``code_blocks``: which python blocks of a turn run: ``"all"`` (concatenated), ``"first"``, ``"last"``.
+    - ``code_blocks``: which python blocks of a turn run: ``"all"`` (concatenated), ``"first"``,
+      ``"last"``.
     - ``display_last_expression``: print a cell's trailing expression like a notebook.
-    - ``max_action_chars``, ``max_output_chars``, ``max_observation_chars``: caps on a turn, on a tool
-      output and on any observation (a longer prompt is an error at ``reset``).
+    - ``max_action_chars``, ``max_output_chars``, ``max_observation_chars``: caps on a turn, on a
+      tool output and on any observation (a longer prompt is an error at ``reset``).
     - ``exec_timeout_s``: wall clock per cell (default: the sandbox's ``Limits.timeout_s``).
     - ``grade_timeout_s``: bound on answer checking.
     - ``reward_weights`` (``TurnReward`` fields) or ``reward_fn`` (any ``TurnOutcome -> dict``).
-    - ``sandbox``: a shared ``Sandbox`` (the env then never closes it); otherwise the env makes its own
-      on first use with ``make_sandbox(sandbox_backend, **sandbox_kwargs)``.
+    - ``sandbox``: a shared ``Sandbox`` (the env then never closes it); otherwise the env makes its
+      own on first use with ``make_sandbox(sandbox_backend, **sandbox_kwargs)``.
     - ``render_mode``: ``"ansi"`` renders the transcript so far.
 
     ## Version History
@@ -237,7 +245,9 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         if max_observation_chars < max_output_chars + 1024:
             raise ValueError("max_observation_chars must leave room for max_output_chars + 1024")
         if reward_fn is not None and reward_weights is not None:
-            raise ValueError("pass reward_weights (for the default TurnReward) or reward_fn, not both")
+            raise ValueError(
+                "pass reward_weights (for the default TurnReward) or reward_fn, not both"
+            )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.problems = problems
@@ -288,8 +298,8 @@ class TIRMathEnv(gymnasium.Env[str, str]):
             return data.ProblemSet(spec)
         if not isinstance(spec, (str, os.PathLike)):
             raise TypeError(
-                "problems must be 'procedural', a benchmark name, a file path, a list of Problems or "
-                f"an object with get() and sample(); got {type(spec).__name__}"
+                "problems must be 'procedural', a benchmark name, a file path, a list of Problems "
+                f"or an object with get() and sample(); got {type(spec).__name__}"
             )
         if spec == "procedural":
             return ProceduralProblems(self.kinds)
@@ -325,7 +335,9 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         self._turn = 0
         self._done = False
         messages = build_messages(problem.question, self.system_prompt, self.user_template)
-        obs = render_prompt(problem.question, self.tokenizer, self.system_prompt, self.user_template)
+        obs = render_prompt(
+            problem.question, self.tokenizer, self.system_prompt, self.user_template
+        )
         if len(obs) > self.observation_space.max_length:
             raise ValueError(
                 f"the prompt of {problem.id} has {len(obs)} characters, over "
@@ -418,7 +430,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         return None
 
     def close(self) -> None:
-        """Release the episode's session and, if the env made it, the sandbox. Safe to call twice."""
+        """Release the episode's session and, if the env made it, the sandbox; safe to repeat."""
         self._close_session()
         if self._owns_sandbox and self._sandbox is not None:
             self._sandbox.close()

@@ -1,10 +1,11 @@
 r"""Offline, seeded problems where running code genuinely helps: exact big-number arithmetic,
 modular exponentiation, primes, counting, linear systems, divisors, digit sums...
 
-Every problem is a pure function of ``(kind, seed)`` and its id ``"proc/<kind>/<seed>"`` regenerates it
-anywhere, so a GRPO group, a replay or a bug report names a problem by id alone. Answers are computed
-here in plain Python (exact integers and fractions), independently of the ``meta["solver"]`` snippet,
-a short program that prints the answer and that scripted oracle policies and tests run in the sandbox.
+Every problem is a pure function of ``(kind, seed)`` and its id ``"proc/<kind>/<seed>"`` regenerates
+it anywhere, so a GRPO group, a replay or a bug report names a problem by id alone. Answers are
+computed here in plain Python (exact integers and fractions), independently of the
+``meta["solver"]`` snippet, a short program that prints the answer and that scripted oracle policies
+and tests run in the sandbox.
 
 >>> problems = ProceduralProblems()
 >>> problems.get("proc/modpow/7").id
@@ -150,9 +151,7 @@ def _linear_system(rng: random.Random) -> Generated:
     rows = ", ".join(str(row) for row in matrix)
     weights = " + ".join(f"{i + 1} * s[{i}]" for i in range(n))
     solver = (
-        "import sympy\n"
-        f"s = sympy.Matrix([{rows}]).LUsolve(sympy.Matrix({rhs}))\n"
-        f"print({weights})"
+        f"import sympy\ns = sympy.Matrix([{rows}]).LUsolve(sympy.Matrix({rhs}))\nprint({weights})"
     )
     return question, str(answer), solver
 
@@ -336,8 +335,8 @@ class ProceduralProblems:
     """An endless problem source over some kinds (all by default).
 
     ``get`` takes an id (``"proc/<kind>/<seed>"``) or an index ``i``, which means kind
-    ``kinds[i % len(kinds)]`` with seed ``i // len(kinds)``; ``sample`` draws a kind and a seed from the
-    env's generator, so a seeded ``reset`` is reproducible.
+    ``kinds[i % len(kinds)]`` with seed ``i // len(kinds)``; ``sample`` draws a kind and a seed from
+    the env's generator, so a seeded ``reset`` is reproducible.
     """
 
     def __init__(self, kinds: Sequence[str] | None = None):
@@ -353,7 +352,9 @@ class ProceduralProblems:
             return generate(self.kinds[key % len(self.kinds)], int(key) // len(self.kinds))
         if isinstance(key, str):
             return from_id(key)
-        raise TypeError(f"problem key must be an id string or an int index, got {type(key).__name__}")
+        raise TypeError(
+            f"problem key must be an id string or an int index, got {type(key).__name__}"
+        )
 
     def sample(self, np_random: np.random.Generator) -> Problem:
         kind = self.kinds[int(np_random.integers(len(self.kinds)))]

@@ -1,21 +1,22 @@
 r"""The text protocol between a model and the TIR environments.
 
-A model turn is plain text. It is a **tool turn** when it contains a ```` ```python ```` block
-(also ```` ```py ```` / ```` ```python3 ````, any case), otherwise it is the **final turn** and its last
-``\boxed{...}`` is the answer. A turn with both a python block and ``\boxed{}`` is a tool turn: the model
-has not seen its code's output yet, so its box is not an answer.
+A model turn is plain text. It is a **tool turn** when it contains a ```` ```python ```` block (also
+```` ```py ```` / ```` ```python3 ````, any case), otherwise it is the **final turn** and its last
+``\boxed{...}`` is the answer. A turn with both a python block and ``\boxed{}`` is a tool turn: the
+model has not seen its code's output yet, so its box is not an answer.
 
 Rules, chosen to be predictable rather than clever:
 
-- Several python blocks in one turn: by default (``blocks="all"``) they are concatenated in order and
-  run as one cell, so nothing the model wrote is silently dropped; ``"first"`` and ``"last"`` are options.
-- A python fence with no closing ```` ``` ```` (generation cut off mid-code) is an invalid tool call and
-  nothing runs: the code is incomplete.
-- Empty code and code that does not parse (``ast.parse``) are invalid tool calls too. Unparsable code is
-  not sent to the sandbox; its ``SyntaxError`` is reported as if it had run.
+- Several python blocks in one turn: by default (``blocks="all"``) they are concatenated in order
+  and run as one cell, so nothing the model wrote is silently dropped; ``"first"`` and ``"last"``
+  are options.
+- A python fence with no closing ```` ``` ```` (generation cut off mid-code) is an invalid tool call
+  and nothing runs: the code is incomplete.
+- Empty code and code that does not parse (``ast.parse``) are invalid tool calls too. Unparsable
+  code is not sent to the sandbox; its ``SyntaxError`` is reported as if it had run.
 - Plain ```` ``` ```` fences and ```` ```output ```` blocks are not tool calls.
-- ``\boxed{}`` may nest braces (``\boxed{\frac{1}{2}}``); escaped braces ``\{ \}`` do not count; the last
-  complete box of the final turn wins; ``\fbox{}`` and ``\boxed 5`` are accepted.
+- ``\boxed{}`` may nest braces (``\boxed{\frac{1}{2}}``); escaped braces ``\{ \}`` do not count; the
+  last complete box of the final turn wins; ``\fbox{}`` and ``\boxed 5`` are accepted.
 - Like a notebook, a cell whose last statement is an expression prints that value's ``repr``
   (unless it is ``None`` or the line ends with ``;``).
 """
@@ -57,10 +58,10 @@ class CodeBlock:
 class ParsedTurn:
     """What one assistant turn asks for.
 
-    ``tool_call`` is True when the turn has a python block (valid or not); ``format_error`` names what
-    is wrong with the tool call (``unclosed_fence``, ``empty_code``, ``syntax_error``) or is None;
-    ``code`` is the selected code (``""`` when the turn has no block); ``final_answer`` is the content
-    of the last ``\\boxed{}`` of a final turn.
+    ``tool_call`` is True when the turn has a python block (valid or not); ``format_error`` names
+    what is wrong with the tool call (``unclosed_fence``, ``empty_code``, ``syntax_error``) or is
+    None; ``code`` is the selected code (``""`` when the turn has no block); ``final_answer`` is the
+    content of the last ``\\boxed{}`` of a final turn.
     """
 
     tool_call: bool
@@ -175,7 +176,7 @@ def syntax_error(code: str) -> str | None:
 
 
 def display_last_expression(code: str) -> str:
-    """Make a cell print its last expression's value, as a notebook would; otherwise return it as is.
+    """Make a cell print its last expression's value, as a notebook would (else return it as is).
 
     The source before the expression is kept byte for byte so traceback line numbers stay right.
     """
@@ -218,7 +219,7 @@ def truncate_middle(text: str, max_chars: int) -> str:
         return text
     half = max_chars // 2
     cut = len(text) - 2 * half
-    return f"{text[:half]}\n... [{cut} characters truncated] ...\n{text[len(text) - half:]}"
+    return f"{text[:half]}\n... [{cut} characters truncated] ...\n{text[len(text) - half :]}"
 
 
 def format_output(result: ExecResult, max_chars: int = 2048) -> str:
@@ -232,7 +233,7 @@ def format_output(result: ExecResult, max_chars: int = 2048) -> str:
 
 
 def format_rejection(message: str) -> str:
-    """The observation for a tool call that did not run (unclosed fence, empty code, overlong turn)."""
+    """The observation for a tool call that did not run (unclosed fence, empty code, too long)."""
     return f"```output\n[not run: {message}]\n```\n"
 
 
@@ -241,7 +242,7 @@ def build_messages(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     user_template: str = DEFAULT_USER_TEMPLATE,
 ) -> list[dict[str, str]]:
-    """Chat messages for a problem: the protocol instructions as the system turn, then the question."""
+    """Chat messages: the protocol instructions as the system turn, then the question."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": user_template.format(question=question)})
     return messages
@@ -255,7 +256,8 @@ def render_prompt(
 ) -> str:
     """The prompt text: through ``tokenizer.apply_chat_template`` when given, else plain text.
 
-    Chat templates without a system role (they raise) get the instructions folded into the user turn.
+    Chat templates without a system role (they raise) get the instructions folded into the user
+    turn.
     """
     messages = build_messages(question, system_prompt, user_template)
     if tokenizer is None:
@@ -265,5 +267,7 @@ def render_prompt(
     except Exception:  # jinja2 raises its own TemplateError types for "system role not supported"
         if len(messages) == 1:
             raise
-        merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+        merged = [
+            {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        ]
         return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)

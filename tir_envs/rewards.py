@@ -2,11 +2,12 @@
 
 The env builds a ``TurnOutcome`` for each step and asks a reward function for its components; the
 step reward is their sum and ``info["reward_components"]`` holds them. Any callable
-``(TurnOutcome) -> Mapping[str, float]`` can replace the default ``TurnReward``, e.g. to add a length
-cost on top of it::
+``(TurnOutcome) -> Mapping[str, float]`` can replace the default ``TurnReward``, e.g. to add a
+length cost on top of it::
 
     base = TurnReward()
-    env = gymnasium.make("TIR-Math-v0", reward_fn=lambda o: {**base(o), "length": -1e-4 * len(o.action)})
+    length_cost = lambda o: {**base(o), "length": -1e-4 * len(o.action)}
+    env = gymnasium.make("TIR-Math-v0", reward_fn=length_cost)
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class TurnReward:
     - ``format``: ``invalid_tool_call`` for an unclosed fence, empty code, code that does not parse,
       or a turn over the env's length cap (which is not parsed at all); ``no_tool_call`` on a first
       turn that answers without calling the tool (the task is to use it).
-    - ``execution``: ``exec_error`` when valid code fails (error, timeout, memory, output limit). 0 by
-      default, as in the paper: a failed run is information, not a mistake. The sandbox's own
+    - ``execution``: ``exec_error`` when valid code fails (error, timeout, memory, output limit). 0
+      by default, as in the paper: a failed run is information, not a mistake. The sandbox's own
       ``infra_error`` is never charged.
     """
 
