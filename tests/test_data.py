@@ -218,6 +218,9 @@ def test_load_file_explicit_field_mapping(tmp_path):
         path, question_field="stem+tail", answer_field="gold_value", id_field="key", source="odd"
     )
     assert (problem.id, problem.question, problem.answer) == ("odd/k1", "A. B?", "7")
+    assert problem.meta == {}
+    (problem,) = load_file(path, question_field="key+stem+tail", answer_field="gold_value")
+    assert problem.question == "k1. A. B?" and problem.id == "file/0"
 
 
 def test_load_file_unknown_schema_lists_the_fields(tmp_path):
@@ -251,6 +254,9 @@ def test_load_file_bad_inputs(tmp_path):
     write_jsonl(tmp_path / "nobox.jsonl", [{"question": "Q", "solution": "no final answer"}])
     with pytest.raises(ValueError, match="record 0.*no \\\\boxed"):
         load_file(tmp_path / "nobox.jsonl")
+    write_jsonl(tmp_path / "blank.jsonl", [{"question": "Q", "answer": None}])
+    with pytest.raises(ValueError, match="record 0.*empty 'answer'"):
+        load_file(tmp_path / "blank.jsonl")
     write_jsonl(tmp_path / "ragged.jsonl", [{"question": "Q", "answer": 1}, {"question": "Q2"}])
     with pytest.raises(KeyError, match="record 1 has no field"):
         load_file(tmp_path / "ragged.jsonl")

@@ -12,6 +12,7 @@ Benchmark files are looked up in ``data_dir`` or ``$TIR_DATA_DIR`` as ``<name>.j
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -49,14 +50,12 @@ class Problem:
 
 
 def canonical_number(value: Any) -> str:
-    """A number as its shortest exact string: ``5.0`` -> ``"5"``, ``"033"`` -> ``"33"``,
-    ``"2,125"`` -> ``"2125"``.
+    """A number as its shortest exact string (``5.0`` -> ``"5"``, ``"033"`` -> ``"33"``).
 
-    Strings that are not plain numbers are returned stripped but otherwise unchanged.
+    Thousands commas go (``"2,125"`` -> ``"2125"``); strings that are not plain numbers come back
+    stripped but otherwise unchanged.
     """
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
+    if isinstance(value, int):  # bools included: str(True) is as good as anything
         return str(value)
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
@@ -107,13 +106,13 @@ def _auto_answer(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _join_body_and_question(body: str, question: str) -> str:
+def _join_sentences(first: str, second: str) -> str:
     """SVAMP splits the story (``Body``) from the question; many bodies lack a final period."""
-    body, question = body.strip(), question.strip()
-    if not body:
-        return question
-    separator = " " if body[-1] in ".!?:;," else ". "
-    return f"{body}{separator}{question}"
+    first, second = first.strip(), second.strip()
+    if not first:
+        return second
+    separator = " " if first[-1] in ".!?:;," else ". "
+    return f"{first}{separator}{second}"
 
 
 @dataclass(frozen=True)
@@ -130,11 +129,12 @@ class FieldMap:
         missing = [name for name in (*self.question, self.answer) if name not in record]
         if missing:
             raise KeyError(f"record {index} has no field(s) {missing}; it has {sorted(record)}")
-        parts = [str(record[name]) for name in self.question]
-        question = parts[0] if len(parts) == 1 else _join_body_and_question(*parts)
+        question = functools.reduce(_join_sentences, (str(record[n]) for n in self.question))
         raw_id = record.get(self.id) if self.id else None
         local_id = str(raw_id) if raw_id is not None else str(index)
         try:
+            if record[self.answer] is None or not str(record[self.answer]).strip():
+                raise ValueError(f"empty {self.answer!r}")
             answer = self.answer_extractor(record[self.answer])
         except ValueError as exc:
             raise ValueError(f"record {index} ({source}/{local_id}): {exc}") from exc

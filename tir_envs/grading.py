@@ -588,7 +588,9 @@ class Grader:
         with self._cond:
             while True:
                 while self._idle:
-                    worker = self._idle.pop()
+                    # Prefer a warm worker over a replacement that is still importing sympy.
+                    warm = [i for i, idle in enumerate(self._idle) if idle.ready]
+                    worker = self._idle.pop(warm[-1] if warm else -1)
                     if worker.proc.poll() is None:
                         return worker
                     logger.warning(
@@ -650,6 +652,8 @@ class Grader:
 
 
 def _forget_workers_after_fork() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # another thread may have held it at fork time
     for grader in list(_LIVE_GRADERS):
         grader._after_fork_in_child()
 
