@@ -154,6 +154,16 @@ def test_gold_answer_is_never_observed(env):
             assert answer not in obs and answer not in repr(info)
 
 
+def test_prompt_through_a_real_chat_template():
+    from tests.tiny import tiny_tokenizer  # a locally trained ChatML tokenizer; imports torch
+
+    env = gym.make("TIR-Math-v0", tokenizer=tiny_tokenizer())
+    obs, info = env.reset(options={"problem_id": "proc/gcd_lcm/2"})
+    assert obs.startswith("<|im_start|>system\n") and obs.endswith("<|im_start|>assistant\n")
+    assert from_id("proc/gcd_lcm/2").question in obs
+    env.close()
+
+
 def test_reset_info_carries_chat_messages(env):
     obs, info = env.reset(seed=1)
     assert [m["role"] for m in info["messages"]] == ["system", "user"]
