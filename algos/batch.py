@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +97,11 @@ class RolloutBatch:
                 f"group_ids, turn_rewards and turn_spans differ in length: "
                 f"{n}, {len(turn_rewards)}, {len(turn_spans)}"
             )
-        n_turns = np.array([len(r) for r in turn_rewards], dtype=np.int64)
-        if any(len(s) != k for s, k in zip(turn_spans, n_turns)):
+        counts = list(map(len, turn_rewards))
+        if list(map(len, turn_spans)) != counts:
             raise ValueError("each trajectory needs one span per turn reward")
+        n_turns = np.array(counts, dtype=np.int64)
+        total = int(n_turns.sum())
         T = max(1, int(n_turns.max(initial=0)))
         turn_mask = np.arange(T)[None, :] < n_turns[:, None]
 
@@ -106,14 +109,15 @@ class RolloutBatch:
             out = np.zeros((n, T), dtype=np.float32)
             if rows is None:
                 return torch.from_numpy(out)
-            if len(rows) != n or any(len(r) != k for r, k in zip(rows, n_turns)):
+            if list(map(len, rows)) != counts:
                 raise ValueError(f"{name} must have one value per turn of each trajectory")
-            out[turn_mask] = np.fromiter((x for r in rows for x in r), np.float32, n_turns.sum())
+            out[turn_mask] = np.fromiter(chain.from_iterable(rows), np.float32, total)
             return torch.from_numpy(out)
 
         spans = np.zeros((n, T, 2), dtype=np.int64)
-        if n_turns.sum():
-            flat = np.array([s for row in turn_spans for s in row], dtype=np.int64).reshape(-1, 2)
+        if total:
+            flat = np.fromiter(chain.from_iterable(chain.from_iterable(turn_spans)), np.int64,
+                               2 * total).reshape(-1, 2)
             spans[turn_mask] = flat
             starts, ends = flat[:, 0], flat[:, 1]
             if (starts < 0).any() or (ends < starts).any():
@@ -125,12 +129,13 @@ class RolloutBatch:
         if (e > L).any():
             raise ValueError(f"a turn span ends past seq_len={L}")
 
-        # A token belongs to turn j iff start_j <= t < end_j; at most one j matches.
-        pos = torch.arange(L)
-        inside = (pos >= torch.from_numpy(s)[..., None]) & (pos < torch.from_numpy(e)[..., None])
-        inside &= torch.from_numpy(turn_mask)[..., None]
-        generated = inside.any(1)
-        turn_index = torch.where(generated, inside.to(torch.uint8).argmax(1), -1)
+        # Token t belongs to the last turn j with start_j <= t, if t < end_j (a binary search
+        # per token over the row's sorted starts; padding turns start past the end).
+        starts = torch.from_numpy(np.where(turn_mask, s, L + 1))
+        pos = torch.arange(L).expand(n, L).contiguous()
+        j = torch.searchsorted(starts, pos, right=True) - 1
+        generated = (j >= 0) & (pos < torch.from_numpy(e).gather(1, j.clamp(min=0)))
+        turn_index = torch.where(generated, j, -1)
 
         infra = torch.zeros(n, dtype=torch.bool)
         if infra_error is not None:
