@@ -414,7 +414,7 @@ HOSTILE = [
         def f(n):
             return f(n + 1)
         f(0)
-    """, (ERROR, MEMORY)),
+    """, (ERROR, MEMORY, TIMEOUT)),
     Hostile("binary_garbage_output",
             "import os, sys\nsys.stdout.buffer.write(os.urandom(2000) + b'\\xff\\xfe\\x00')",
             (OK,)),
