@@ -1,7 +1,8 @@
 """Advantage estimators as pure tensor functions, registered by name.
 
 Every estimator maps a :class:`~algos.batch.RolloutBatch` (and, for critics, token values) to
-per-token advantages ``[B, L]`` that are 0 off the generated tokens and on infra-error rows. A new algorithm adds one::
+per-token advantages ``[B, L]`` that are 0 off the generated tokens and on infra-error rows.
+A new algorithm adds one::
 
     @register_advantage("mine")
     def mine(batch, cfg, values=None) -> Advantages: ...
@@ -182,7 +183,8 @@ def _discount_matrix(d: float, n: int, dtype: torch.dtype) -> Tensor:
     """U[m, k] = d^(m-k) for m >= k else 0, so (x @ U)_k = sum_{m>=k} d^(m-k) x_m."""
     i = torch.arange(n, dtype=torch.float64)
     e = i[:, None] - i[None, :]
-    return torch.where(e >= 0, torch.tensor(d, dtype=torch.float64) ** e.clamp(min=0), 0.0).to(dtype)
+    powers = torch.tensor(d, dtype=torch.float64) ** e.clamp(min=0)
+    return torch.where(e >= 0, powers, 0.0).to(dtype)
 
 
 def grpo_advantages(
@@ -243,28 +245,35 @@ def gae(
     and 0 off the mask; returns = advantages + values are the value-loss targets.
     """
     dtype = torch.promote_types(values.dtype, torch.float32)
+    B, L = mask.shape
     steps = mask.sum(1)
-    width = int(steps.max()) if steps.numel() else 0
+    width = int(steps.max()) if B else 0
     packed = torch.arange(width) < steps[:, None]  # the same tokens, packed to the left
-    v = torch.zeros(mask.shape[0], width + 1, dtype=dtype)
-    r = torch.zeros(mask.shape[0], width, dtype=dtype)
-    v[:, :width][packed] = values[mask].to(dtype)
-    r[packed] = token_rewards[mask].to(dtype)
-    delta = (r + gamma * v[:, 1:] - v[:, :-1]) * packed
-    adv_packed = discounted_cumsum(delta, gamma * lam)
-    adv = torch.zeros(mask.shape, dtype=dtype)
-    ret = torch.zeros(mask.shape, dtype=dtype)
-    adv[mask] = adv_packed[packed]
-    ret[mask] = (adv_packed + v[:, :width])[packed]
-    return adv, ret
+    src = mask.flatten().nonzero().squeeze(1)
+    dst = packed.flatten().nonzero().squeeze(1)
+
+    def pack(x: Tensor) -> Tensor:
+        out = torch.zeros(B * width, dtype=dtype)
+        return out.index_copy_(0, dst, x.flatten().index_select(0, src).to(dtype)).view(B, width)
+
+    def unpack(x: Tensor) -> Tensor:
+        out = torch.zeros(B * L, dtype=dtype)
+        return out.index_copy_(0, src, x.flatten().index_select(0, dst)).view(B, L)
+
+    v, r = pack(values), pack(token_rewards)
+    v_next = torch.nn.functional.pad(v[:, 1:], (0, 1))  # 0 past the last step: terminal
+    adv = discounted_cumsum(r + gamma * v_next - v, gamma * lam)
+    return unpack(adv), unpack(adv + v)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """(x - mean) / std over the masked entries; 0 off the mask."""
-    vals = x[mask]
-    if vals.numel() < 2:
+    n = mask.sum()
+    if n < 2:
         return torch.zeros_like(x)
-    return torch.where(mask, (x - vals.mean()) / (vals.std() + eps), 0.0)
+    mean = torch.where(mask, x, 0.0).sum() / n
+    centered = torch.where(mask, x - mean, 0.0)
+    return centered / ((centered**2).sum() / (n - 1)).sqrt().add(eps)
 
 
 # --------------------------------------------------------------------------- registered

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ def final_turn_value(x: Tensor, turn_mask: Tensor) -> Tensor:
 
 
 def put_on_final_turn(values: Tensor, turn_mask: Tensor) -> Tensor:
-    """A ``[B, T]`` tensor that holds ``values [B]`` on each trajectory's final turn, 0 elsewhere."""
+    """``[B, T]``: ``values [B]`` on each trajectory's final turn, 0 elsewhere."""
     out = torch.zeros(turn_mask.shape, dtype=values.dtype)
     last = final_turn_index(turn_mask)[:, None]
     return out.scatter(1, last, values[:, None]) * turn_mask

@@ -76,7 +76,7 @@ def synthetic(seed: int = 0) -> tuple[dict, list[str]]:
         spans.append(row)
         acc.append(a)
         fmt.append(f)
-        rewards.append([x + y for x, y in zip(a, f)])
+        rewards.append([x + y for x, y in zip(a, f, strict=True)])
         infra.append(rnd.random() < 0.01)
         codes.append("\n".join(
             rnd.choice(_SNIPPETS).format(v=rnd.choice("xyzn"), a=rnd.randint(2, 99),

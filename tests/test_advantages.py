@@ -127,12 +127,18 @@ def test_gtpo_gamma_special_cases():
     close(ret0, [[-0.1, 0.0, 1.0], [0.0, 0.0, 0.0]])
 
 
-def _batch(rewards, mask, groups, spans=None, valid=None, acc=None, fmt=None) -> RolloutBatch:
-    rows = [[float(x) for x, m in zip(r, mr) if m] for r, mr in zip(rewards, mask)]
-    if spans is None:  # 2 prompt tokens, then per turn 2 generated + 1 tool-output token
-        spans = [[(2 + 3 * j, 4 + 3 * j) for j in range(len(r))] for r in rows]
-    cut = (lambda x: None if x is None else
-           [[float(v) for v, m in zip(r, mr) if m] for r, mr in zip(x, mask)])
+def _batch(rewards, mask, groups, valid=None, acc=None, fmt=None) -> RolloutBatch:
+    """Records from padded tensors: 2 prompt tokens, then per turn 2 generated tokens and 1
+    tool-output token."""
+
+    def cut(x):
+        if x is None:
+            return None
+        return [[float(v) for v, m in zip(r, mr, strict=True) if m]
+                for r, mr in zip(x, mask, strict=True)]
+
+    rows = cut(rewards)
+    spans = [[(2 + 3 * j, 4 + 3 * j) for j in range(len(r))] for r in rows]
     return RolloutBatch.build(
         [int(g) for g in groups], rows, spans,
         infra_error=None if valid is None else [not bool(v) for v in valid],
@@ -261,7 +267,8 @@ def test_grpo_config_rejects_bad_values(kwargs, message):
 
 def test_config_defaults_and_ablation_switches():
     gtpo = GTPOConfig()
-    assert (gtpo.turn_rewards, gtpo.gamma, gtpo.shaping, gtpo.shaping_alpha) == (True, 0.9, True, 0.5)
+    assert (gtpo.turn_rewards, gtpo.gamma, gtpo.shaping) == (True, 0.9, True)
+    assert gtpo.shaping_alpha == 0.5
     assert GTPOConfig(turn_rewards=False, gamma=1.0, shaping=False, norm_scope="turn")
     with pytest.raises(ValueError, match="gamma"):
         GTPOConfig(gamma=1.5)

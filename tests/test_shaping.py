@@ -48,8 +48,8 @@ class TableSimilarity:
         out = torch.zeros(len(codes))
         for k, code in enumerate(codes):
             refs = [codes[p] for p in range(len(codes)) if references[p] and groups[p] == groups[k]]
-            sims = [0.0 if not (code and r) else 1.0 if code == r else self.table.get((code, r), 0.0)
-                    for r in refs]  # the protocol: no code, no similarity
+            sims = [0.0 if not (code and r)  # the protocol: no code, no similarity
+                    else 1.0 if code == r else self.table.get((code, r), 0.0) for r in refs]
             out[k] = sum(max(0.0, x) for x in sims) / max(len(refs), 1)
         return out
 
