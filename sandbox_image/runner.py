@@ -49,6 +49,7 @@ SAVED_STDOUT_FD, SAVED_STDERR_FD = 250, 251
 """Private copies of the kernel's output pipes, so a cell that closes fd 1 or 2 breaks only itself."""
 MAX_FRAME = 64 * 1024 * 1024
 DRAIN_CHUNK = 1024 * 1024
+MEMORY_POLL_S = 0.02
 OUTPUT_KILL_FACTOR = 16
 """A run that keeps printing past this many times the output limit is killed, not just cut."""
 KERNEL_START_S = 10.0
@@ -162,6 +163,26 @@ def _oom_kills() -> int | None:
     return None
 
 
+def memory_in_use() -> int | None:
+    """Bytes of the container's memory that reclaim cannot free: anonymous pages and tmpfs files.
+
+    The cgroup's own limit also counts the image's file pages (python, numpy), so a kernel close
+    to it thrashes in reclaim for a second before the OOM killer acts; watching this number lets
+    the runner enforce ``memory_mb`` promptly and leave the cgroup limit as a backstop.
+    """
+    for path, keys in (
+        ("/sys/fs/cgroup/memory/memory.stat", ("rss", "shmem")),
+        ("/sys/fs/cgroup/memory.stat", ("anon", "shmem")),
+    ):
+        try:
+            with open(path) as f:
+                stats = dict(line.split() for line in f)
+        except OSError:
+            continue
+        return sum(int(stats.get(key, 0)) for key in keys)
+    return None
+
+
 def isolation_facts() -> dict:
     """What this container actually enforces, measured from inside rather than assumed."""
     status = {}
@@ -183,6 +204,7 @@ def isolation_facts() -> dict:
         "tmp_tmpfs": mounts.get("/tmp", ("", []))[0] == "tmpfs",
         "interfaces": sorted(os.listdir("/sys/class/net")),
         "oom_counter": _oom_kills() is not None,
+        "memory_watch": memory_in_use() is not None,
         "python": sys.version.split()[0],
     }
 
@@ -345,27 +367,27 @@ def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
             f.write("1000")  # the OOM killer takes a kernel, never the runner
     except OSError:
         pass
-    mb = 1024 * 1024
-    with open("/proc/self/statm") as f:
-        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    for rlimit, value in (
-        (resource.RLIMIT_AS, mapped + limits["memory_mb"] * mb),  # memory_mb on top of the preload
-        (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        resource.setrlimit(rlimit, (value, value))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(ctl, KERNEL_CTL_FD)
-    os.dup2(out_w, SAVED_STDOUT_FD)
+    os.dup2(out_w, SAVED_STDOUT_FD)  # before RLIMIT_NOFILE, which may be lower than these
     os.dup2(err_w, SAVED_STDERR_FD)
     os.closerange(KERNEL_CTL_FD + 1, SAVED_STDOUT_FD)
     os.closerange(SAVED_STDERR_FD + 1, 65536)
     os.environ.clear()
     os.environ.update(KERNEL_ENV)
     os.chdir(WORK_DIR)
+    mb = 1024 * 1024
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    for rlimit, value in (
+        (resource.RLIMIT_AS, mapped + limits["address_space_mb"] * mb),  # above the preload
+        (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
+        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
+        (resource.RLIMIT_CORE, 0),
+    ):
+        resource.setrlimit(rlimit, (value, value))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own children may inspect it; PID 1 stays closed
     return install_network_filter()
 
@@ -489,6 +511,7 @@ class Kernel:
             self.close()
             raise RuntimeError(f"the kernel did not start: {detail}")
         self.network_filter = hello["network_filter"]
+        self.memory_baseline = memory_in_use()  # the runner and an idle kernel
 
     def close(self) -> None:
         self.ctl.close()
@@ -559,6 +582,9 @@ class Kernel:
         buffers = {self.out_r: bytearray(), self.err_r: bytearray()}
         seen = 0
         status, note, alive = None, "", True
+        memory_cap = None
+        if self.memory_baseline is not None:
+            memory_cap = self.memory_baseline + limits["memory_mb"] * 1024 * 1024
         while status is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -568,8 +594,16 @@ class Kernel:
                     "with everything it started"
                 )
                 break
+            if memory_cap is not None and memory_in_use() > memory_cap:
+                status, alive = "memory", False
+                note = (
+                    f"MemoryError: the kernel exceeded its {limits['memory_mb']} MB memory limit "
+                    "and was killed"
+                )
+                break
             watched = [self.ctl, self.out_r, self.err_r, self.pidfd]
-            ready, _, _ = select.select(watched, [], [], remaining)
+            wait = remaining if memory_cap is None else min(remaining, MEMORY_POLL_S)
+            ready, _, _ = select.select(watched, [], [], wait)
             for fd in (self.out_r, self.err_r):
                 if fd in ready:
                     chunk = self._drain(fd)

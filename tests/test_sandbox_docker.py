@@ -68,7 +68,8 @@ def test_containers_are_hardened(sandbox, engine):
         assert host["ReadonlyRootfs"] is True
         assert host["CapDrop"] == ["ALL"]
         assert "no-new-privileges" in host["SecurityOpt"]
-        assert host["Memory"] == (LIMITS["memory_mb"] + docker_backend.RUNNER_MEMORY_MB) << 20
+        expected_mb = LIMITS["memory_mb"] + docker_backend.RUNNER_MEMORY_MB
+        assert host["Memory"] == expected_mb << 20
         assert host["MemorySwap"] == host["Memory"]
         assert host["PidsLimit"] == LIMITS["max_pids"] + docker_backend.RUNNER_PIDS
         assert "/tmp" in host["Tmpfs"]

@@ -44,8 +44,10 @@ LABEL = "tir-gym.sandbox"
 OWNER_LABEL = "tir-gym.owner"
 POOL_LABEL = "tir-gym.pool"
 SANDBOX_USER = "10001:10001"
-RUNNER_MEMORY_MB = 256
-"""Cgroup headroom above the kernel's own address-space limit: the runner and tmpfs pages."""
+RUNNER_MEMORY_MB = 128
+"""Container memory beyond ``memory_mb``: the runner's share (about 55 MB when idle) and the page
+cache python needs. The runner itself holds the kernel to ``memory_mb`` of heap and /tmp files
+(as the local backend's per-kernel cgroup does); the container's limit is the backstop."""
 RUNNER_PIDS = 8
 """Pids above ``max_pids`` so the runner can still fork a fresh kernel after a fork bomb."""
 GRACE_S = 10.0
@@ -140,7 +142,7 @@ class _Container:
     def _create(client, image: str, limits: Limits, tmp_mb: int, cpus: float, pool: str):
         import docker.types
 
-        memory = f"{limits.memory_mb + RUNNER_MEMORY_MB}m"
+        memory = f"{_container_memory_mb(limits)}m"
         return client.containers.create(
             image,
             # detach=False + stdin_open sets StdinOnce: when this process dies its attach closes,
@@ -232,6 +234,12 @@ class _Container:
         except (AttributeError, OSError):
             pass
         _force_remove(self.container)
+
+
+def _container_memory_mb(limits: Limits) -> int:
+    """The container's cgroup cap: the kernel's ``memory_mb`` (its /tmp files included) and the
+    runner's share."""
+    return limits.memory_mb + RUNNER_MEMORY_MB
 
 
 def _isolation(facts: dict, network_filter: bool, container) -> Isolation:
@@ -374,7 +382,13 @@ class DockerSandbox(Sandbox):
         return isolation
 
     def _open_message(self) -> dict:
-        return {"op": "open", "limits": dataclasses.asdict(self.limits)}
+        # RLIMIT_AS sits above what the cgroup allows, so gradual growth meets the cgroup's OOM
+        # killer (fast, reported as memory) and only absurd single allocations meet the rlimit
+        # (a clean MemoryError). The other way round, CPython can flail for many seconds when
+        # the address space runs out deep in a recursion.
+        address_space_mb = _container_memory_mb(self.limits)
+        limits = {**dataclasses.asdict(self.limits), "address_space_mb": address_space_mb}
+        return {"op": "open", "limits": limits}
 
     def _start_container(self) -> _Container:
         if self._client is None:  # first use in a forked child
@@ -399,7 +413,7 @@ class DockerSandbox(Sandbox):
             container = self._idle.pop() if self._idle else None
         if container is None:
             container = self._start_container()
-        self._refill()
+        self._refill(only_if_dry=True)
         return container
 
     def _release(self, container: _Container) -> None:
@@ -415,13 +429,19 @@ class DockerSandbox(Sandbox):
         with self._lock:
             self._live.discard(container)
         container.remove()
-        self._refill()
+        self._refill(only_if_dry=True)
 
-    def _refill(self) -> None:
-        """Top the idle pool up in the background so the next session need not wait."""
+    def _refill(self, only_if_dry: bool = False) -> None:
+        """Top the idle pool up in the background so the next session need not wait.
+
+        After start-up only an empty pool is refilled: sessions hand their (wiped) containers
+        back, so one-at-a-time episodes reuse the same warm containers and start none, and no
+        container start competes for CPU with the code being run.
+        """
         with self._lock:
             busy = self._refiller is not None and self._refiller.is_alive()
-            if busy or self._closed or len(self._idle) >= self.pool_size:
+            full = len(self._idle) >= (1 if only_if_dry else self.pool_size)
+            if busy or self._closed or full or self.pool_size == 0:
                 return
             self._refiller = threading.Thread(
                 target=self._refill_loop, name="tir-sandbox-refill", daemon=True
