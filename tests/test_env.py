@@ -349,6 +349,8 @@ def test_close_releases_everything():
     env.close()
     env.close()  # twice is fine
     assert _settled(lambda: descendants() - before == set())
+    with pytest.raises(ResetNeeded):
+        env.step(tool("print(1)"))  # must not quietly start a new sandbox
 
 
 def test_shared_sandbox_is_not_closed_by_the_env(sandbox):

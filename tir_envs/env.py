@@ -430,7 +430,11 @@ class TIRMathEnv(gymnasium.Env[str, str]):
         return None
 
     def close(self) -> None:
-        """Release the episode's session and, if the env made it, the sandbox; safe to repeat."""
+        """Release the episode's session and, if the env made it, the sandbox; safe to repeat.
+
+        The episode ends with it: ``step`` raises until the next ``reset``.
+        """
+        self._done = True
         self._close_session()
         if self._owns_sandbox and self._sandbox is not None:
             self._sandbox.close()
