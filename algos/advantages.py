@@ -224,7 +224,8 @@ def gtpo_turn_advantages(
 
 
 def rewards_on_last_tokens(turn_rewards: Tensor, turn_index: Tensor, mask: Tensor) -> Tensor:
-    """``[B, L]`` token rewards: each turn's reward on its last token inside ``mask``."""
+    """``[B, L]`` token rewards: each turn's reward on its last token inside ``mask`` (a turn with
+    no token inside the mask has nowhere to put its reward; rollouts never produce one)."""
     inside = mask & (turn_index >= 0)
     nxt_index = torch.nn.functional.pad(turn_index[:, 1:], (0, 1), value=-1)
     nxt_inside = torch.nn.functional.pad(inside[:, 1:], (0, 1), value=False)

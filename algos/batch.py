@@ -26,6 +26,10 @@ Position t of every token tensor (logprobs, values, advantages) refers to token 
 ``logprobs[b, t] = log pi(token_t | tokens_<t)``; the trainer shifts logits before filling it.
 A turn-level tensor ``x [B, T]`` reaches the tokens with :func:`turn_to_tokens` (a gather), so no
 code loops over tokens.
+
+What the batch does not hold travels beside it, one entry per row: each trajectory's code for
+shaping (``algos.shaping.join_code`` of its turns' code blocks) and, for PPO, the critic's
+``values [B, L]``. Build a batch from per-trajectory lists with :meth:`RolloutBatch.build`.
 """
 
 from __future__ import annotations

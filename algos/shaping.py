@@ -215,7 +215,7 @@ class EmbeddingSimilarity:
             return torch.zeros(0)
         emb = self.model.encode(list(codes), batch_size=self.batch_size, convert_to_tensor=True,
                                 normalize_embeddings=True, show_progress_bar=False)
-        has_code = torch.tensor([bool(c.strip()) for c in codes])
+        has_code = torch.tensor([bool(c) and not c.isspace() for c in codes])
         emb = emb.float().cpu() * has_code[:, None]  # no code, no similarity
         # Pairwise cosines within groups: a [groups, width, width] grid, one batched matmul.
         n_groups = int(groups.max()) + 1
@@ -271,7 +271,8 @@ def shaping_bonus(
     members = torch.nonzero((shaped | refs) & wanted[g]).squeeze(1)
     _, local = torch.unique(g[members], return_inverse=True)
     member_refs = refs[members]
-    mean = sim([codes[i] for i in members.tolist()], local, member_refs).to(torch.float32)
+    member_codes = ["" if codes[i].isspace() else codes[i] for i in members.tolist()]
+    mean = sim(member_codes, local, member_refs).to(torch.float32)
     bonus[members] = torch.where(member_refs, 0.0, alpha * mean)
     return bonus
 
