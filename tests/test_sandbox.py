@@ -668,6 +668,42 @@ def test_cpu_limit_stops_a_kernel_the_wall_clock_would_not():
         assert run_ok(s, "print('again')") == "again\n"
 
 
+def test_cgroup_v2_groups_are_made_under_our_own(tmp_path, monkeypatch):
+    """The v2 path, on a fake hierarchy (this CI machine mounts pids/memory as v1)."""
+    from tir_envs.sandbox import _cgroup
+
+    ours = tmp_path / "user.slice" / "me"
+    ours.mkdir(parents=True)
+    (ours / "cgroup.controllers").write_text("cpu memory pids\n")
+    (ours / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(_cgroup, "_mounts", lambda: [("/", str(tmp_path), "cgroup2", {"rw"})])
+    monkeypatch.setattr(_cgroup, "_own_groups", lambda: {"": "/user.slice/me"})
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    real_rmdir = os.rmdir
+
+    def cgroupfs_rmdir(path):  # cgroupfs removes a group's files itself
+        for entry in Path(path).iterdir():
+            entry.unlink()
+        real_rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", cgroupfs_rmdir)
+    cgroups = _cgroup.KernelCgroups(memory_bytes=128 << 20, max_pids=16)
+    assert set(cgroups.controllers) == {"pids", "memory"} and not cgroups.problems
+    assert all(c.v2 and Path(c.base).parent == ours for c in cgroups.controllers.values())
+    group = cgroups.create()
+    kernel_dir = Path(group.dirs["memory"])
+    assert (kernel_dir / "memory.max").read_text() == str(128 << 20)
+    assert (Path(group.dirs["pids"]) / "pids.max").read_text() == "16"
+    assert group.dirs["pids"] == group.dirs["memory"]  # one v2 group holds both controllers
+    assert group.procs_files == [str(kernel_dir / "cgroup.procs")]
+    assert not group.oom_killed()
+    (kernel_dir / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert group.oom_killed()
+    group.remove()
+    cgroups.close()
+    assert [p.name for p in ours.iterdir() if p.is_dir()] == []
+
+
 def test_limits_are_validated():
     with pytest.raises(ValueError):
         make_sandbox("local", memory_mb=0)

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 CONTROLLERS = ("pids", "memory")
 PREFIX = "tir-sandbox-"
+OPTIONAL_FILES = {"memory.memsw.limit_in_bytes", "memory.swap.max"}
+"""Present only with swap accounting; every other limit file must take our value."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class KernelCgroups:
                     self.controllers[name] = self._make_base(name, tag, mounts, own)
                 except OSError as exc:
                     self.problems[name] = str(exc)
-        bases = [controller.base for controller in self.controllers.values()]
+        bases = list(dict.fromkeys(c.base for c in self.controllers.values()))
         self._finalizer = weakref.finalize(self, _remove_bases, bases)
 
     @staticmethod
@@ -168,22 +170,24 @@ class KernelCgroups:
         raise OSError(errno.ENOENT, f"no usable {name} cgroup controller is mounted")
 
     def create(self) -> KernelGroup:
-        """A fresh group per controller with the limits set; the kernel joins it itself."""
+        """A fresh group (one per hierarchy: v2 controllers share one) with the limits set; the
+        kernel joins it itself."""
         name = f"k{next(self._names)}"
-        dirs = {}
+        group = KernelGroup(self, {})
         try:
             for controller in self.controllers.values():
                 path = os.path.join(controller.base, name)
-                os.mkdir(path)
-                dirs[controller.name] = path
+                if path not in group.dirs.values():
+                    os.mkdir(path)
+                group.dirs[controller.name] = path
                 for filename, value in controller.limits(self.memory_bytes, self.max_pids):
                     target = os.path.join(path, filename)
-                    if os.path.exists(target):
+                    if filename not in OPTIONAL_FILES or os.path.exists(target):
                         _write(target, value)
         except OSError:
-            KernelGroup(self, dirs).remove()
+            group.remove()
             raise
-        return KernelGroup(self, dirs)
+        return group
 
     def disable(self, reason: str) -> None:
         """Stop using cgroups (e.g. the kernel may not join them) and remove ours."""
@@ -220,7 +224,7 @@ class KernelGroup:
 
     @property
     def procs_files(self) -> list[str]:
-        return [os.path.join(path, "cgroup.procs") for path in self.dirs.values()]
+        return [os.path.join(path, "cgroup.procs") for path in dict.fromkeys(self.dirs.values())]
 
     def oom_killed(self) -> bool:
         controller = self.owner.controllers.get("memory")
@@ -247,7 +251,7 @@ class KernelGroup:
             time.sleep(0.002)
 
     def remove(self) -> None:
-        for path in self.dirs.values():
+        for path in dict.fromkeys(self.dirs.values()):
             if not _remove_tree(path):
                 log.debug("cgroup %s still busy; left for sandbox close", path)
         self.dirs = {}
