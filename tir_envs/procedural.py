@@ -216,10 +216,9 @@ def _crt(rng: random.Random) -> Generated:
     moduli = rng.sample([p for p in range(7, 200) if _sieve()[p]], 3)
     residues = [rng.randrange(1, m) for m in moduli]
     total = math.prod(moduli)
-    answer = next(
-        x
-        for x in range(residues[0], total + 1, moduli[0])
-        if all(x % m == r for m, r in zip(moduli, residues))
+    # Residues are nonzero, so the least non-negative solution is already positive.
+    answer = (
+        sum(r * (total // m) * pow(total // m, -1, m) for m, r in zip(moduli, residues)) % total
     )
     conditions = ", ".join(f"$x \\equiv {r} \\pmod{{{m}}}$" for m, r in zip(moduli, residues))
     question = f"What is the smallest positive integer $x$ such that {conditions}?"
