@@ -13,6 +13,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
 
 import tir_envs
+from tir_envs.data import Problem
 from tir_envs.env import TIRMathEnv
 from tir_envs.procedural import KINDS, from_id, oracle_turn
 from tir_envs.rewards import TurnReward
@@ -109,6 +110,19 @@ def test_user_file_as_problem_source(tmp_path, sandbox):
     assert "6 times 7" in obs and "42" not in obs
     obs, reward, terminated, _, info = env.step("\\boxed{42}")
     assert terminated and info["correct"] and reward == pytest.approx(0.9)  # no tool call on turn 1
+    env.close()
+
+
+def test_list_of_problems_as_source(sandbox):
+    problems = [
+        Problem(id="mine/a", question="What is 2^10?", answer="1024", source="mine", meta={}),
+        Problem(id="mine/b", question="What is 3^5?", answer="243", source="mine", meta={}),
+    ]
+    env = TIRMathEnv(problems=problems, sandbox=sandbox)
+    obs, info = env.reset(options={"problem_id": "mine/b"})
+    assert info["problem_id"] == "mine/b" and info["source"] == "mine" and "3^5" in obs
+    env.step(tool("print(3**5)"))
+    assert env.step("\\boxed{243}")[4]["correct"]
     env.close()
 
 
