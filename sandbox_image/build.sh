@@ -12,7 +12,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 IMAGE="${IMAGE:-tir-sandbox:latest}"
-LOCAL_BASE="tir-sandbox-base:bookworm"
+LOCAL_BASE="${LOCAL_BASE:-tir-sandbox-base:bookworm}"
 BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"
 SUITE="${DEBIAN_SUITE:-bookworm}"
 
