@@ -6,7 +6,9 @@ load average at the start is recorded too). Per backend:
 1. warm exec latency p50/p99 in one session: a trivial snippet and a numpy + sympy snippet;
 2. cold exec: a new session, one run, close (what a one-shot ``sandbox.run`` costs);
 3. throughput of the trivial snippet with 1 and 2 sessions driven by concurrent threads;
-4. session start cost (``session()`` until its kernel is ready) and close cost;
+4. session start cost (``session()`` until its kernel is ready): back to back, and after a pause
+   that lets prestarted kernels/containers refill; close cost; for local, the raw cost of
+   forking and isolating a kernel when nothing is prestarted;
 5. memory: the warm zygote, and what each extra kernel adds (local backend).
 
 Baseline: ``python -c <snippet>`` with this interpreter, a fresh process per snippet (what tools
@@ -109,6 +111,28 @@ def throughput(sandbox, n_sessions: int, seconds: float) -> float:
     return round(sum(counts) / elapsed, 1)
 
 
+def session_cycle(sandbox, repeats: int, pause_s: float) -> tuple[dict, dict]:
+    """Time ``session()`` and ``close()``; a pause between cycles lets a backend that keeps
+    kernels (or containers) ready refill, as it would between episodes."""
+    starts, closes = [], []
+    for _ in range(repeats):
+        time.sleep(pause_s)
+        t0 = time.perf_counter()
+        fresh = sandbox.session()
+        t1 = time.perf_counter()
+        fresh.close()
+        starts.append(t1 - t0)
+        closes.append(time.perf_counter() - t1)
+    return percentiles(starts), percentiles(closes)
+
+
+def kernel_spawn(repeats: int) -> dict:
+    """The local backend's raw cost of forking and isolating a kernel (nothing prestarted)."""
+    with make_sandbox("local", prestart=0) as sandbox:
+        starts, _ = session_cycle(sandbox, repeats, pause_s=0.0)
+    return starts
+
+
 def kib(value: int) -> int:
     return value // 1024
 
@@ -177,16 +201,9 @@ def bench_backend(name: str, quick: bool) -> dict:
                 checked_run(fresh, TRIVIAL)
 
         result["cold_trivial"] = percentiles(timed(cold, n(60)))
-        starts, closes = [], []
-        for _ in range(n(60)):
-            t0 = time.perf_counter()
-            fresh = sandbox.session()
-            t1 = time.perf_counter()
-            fresh.close()
-            starts.append(t1 - t0)
-            closes.append(time.perf_counter() - t1)
-        result["session_start"] = percentiles(starts)
-        result["session_close"] = percentiles(closes)
+        result["session_start_back_to_back"], result["session_close"] = session_cycle(
+            sandbox, n(60), pause_s=0.0)
+        result["session_start_after_pause"], _ = session_cycle(sandbox, n(25), pause_s=0.3)
         seconds = 1.0 if quick else 3.0
         result["throughput_execs_per_s"] = {
             "1_session": throughput(sandbox, 1, seconds),
@@ -195,6 +212,8 @@ def bench_backend(name: str, quick: bool) -> dict:
         result["memory"] = local_memory(sandbox) if name == "local" else docker_memory(sandbox)
     finally:
         sandbox.close()
+    if name == "local":
+        result["kernel_spawn_without_prestart"] = kernel_spawn(n(60))
     return result
 
 
@@ -251,18 +270,26 @@ def render_markdown(report: dict) -> str:
             f"| {name}, new session per snippet | {r['cold_trivial']['p50_ms']:.2f} ms | "
             f"{r['cold_trivial']['p99_ms']:.2f} ms | | |")
     lines += ["", "| backend | speedup vs fresh python (trivial / numeric p50) | execs/s, 1 session"
-              " | execs/s, 2 sessions | session start p50 / p99 | session close p50 | "
-              "sandbox start |", "|---|---|---|---|---|---|---|"]
+              " | execs/s, 2 sessions | session start p50 / p99, after a pause | session start "
+              "p50 / p99, back to back | session close p50 | sandbox start |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, r in report["backends"].items():
         if "skipped" in r:
-            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | | | |")
             continue
         s, t = r["speedup_p50"], r["throughput_execs_per_s"]
+        paused, churn = r["session_start_after_pause"], r["session_start_back_to_back"]
         lines.append(
             f"| {name} | {s['trivial']:.0f}x / {s['numeric']:.0f}x | {t['1_session']:.0f} | "
-            f"{t['2_sessions']:.0f} | {r['session_start']['p50_ms']:.1f} / "
-            f"{r['session_start']['p99_ms']:.1f} ms | {r['session_close']['p50_ms']:.1f} ms | "
-            f"{r['sandbox_start_s']:.2f} s |")
+            f"{t['2_sessions']:.0f} | {paused['p50_ms']:.2f} / {paused['p99_ms']:.1f} ms | "
+            f"{churn['p50_ms']:.1f} / {churn['p99_ms']:.1f} ms | "
+            f"{r['session_close']['p50_ms']:.1f} ms | {r['sandbox_start_s']:.2f} s |")
+    local = report["backends"].get("local", {})
+    if "kernel_spawn_without_prestart" in local:
+        spawn = local["kernel_spawn_without_prestart"]
+        lines += ["", f"Local kernel spawn with nothing prestarted (fork from the zygote, "
+                      f"namespaces, filesystem view, cgroups, until ready): p50 "
+                      f"{spawn['p50_ms']:.1f} ms, p99 {spawn['p99_ms']:.1f} ms."]
     lines += ["", "Memory:", ""]
     for name, r in report["backends"].items():
         if "memory" in r:

@@ -572,10 +572,9 @@ def test_require_isolation_passes_when_everything_is_active():
 def test_timeout_kills_every_process_the_code_started(local_sandbox):
     with local_sandbox.session() as s:
         run_ok(s, "x = 1")
-        kernel = s.kernel_pid
-        before = {p.pid for p in _descendants(local_sandbox.zygote_pid)}
-        assert kernel in before
-        result = s.run(textwrap.dedent("""
+        kernel = psutil.Process(s.kernel_pid)
+        family = [kernel.parent(), kernel]
+        code = textwrap.dedent("""
             import os, signal
             print('started')
             for _ in range(3):
@@ -586,14 +585,18 @@ def test_timeout_kills_every_process_the_code_started(local_sandbox):
                         pass
             while True:
                 pass
-        """), timeout=1)
+        """)
+        results = []
+        runner = threading.Thread(target=lambda: results.append(s.run(code, timeout=2)))
+        runner.start()
+        assert _wait_until(lambda: len(kernel.children()) == 3)
+        family += kernel.children()
+        runner.join()
+        result = results[0]
         assert result.status is TIMEOUT
         assert result.stdout == "started\n"  # output up to the kill is kept
         assert "restarts" in result.stderr
-        assert _wait_until(lambda: not psutil.pid_exists(kernel) or
-                           psutil.Process(kernel).status() == psutil.STATUS_ZOMBIE)
-        assert _wait_until(lambda: not ({p.pid for p in _descendants(local_sandbox.zygote_pid)}
-                                        & before))
+        assert _wait_until(lambda: not any(p.is_running() for p in family))
         lost = s.run("print(x)")
         assert lost.status is ERROR and "NameError" in lost.stderr  # a fresh kernel
 
@@ -704,11 +707,25 @@ def test_cgroup_v2_groups_are_made_under_our_own(tmp_path, monkeypatch):
     assert [p.name for p in ours.iterdir() if p.is_dir()] == []
 
 
+def test_prestarted_kernels_are_replenished_and_never_shared():
+    with make_sandbox("local", prestart=2, **LIMITS) as sb:
+        assert _wait_until(lambda: len(sb._spares) == 2)
+        sessions = [sb.session() for _ in range(3)]
+        for index, s in enumerate(sessions):
+            assert run_ok(s, f"print('seen' in globals())\nseen = {index}") == "False\n"
+        assert _wait_until(lambda: len(sb._spares) == 2)
+        assert len({s.kernel_pid for s in sessions} | {k.pid for k in sb._spares}) == 5
+        zygote = sb.zygote_pid
+    assert _wait_until(lambda: not _descendants(zygote) and not psutil.pid_exists(zygote))
+
+
 def test_limits_are_validated():
     with pytest.raises(ValueError):
         make_sandbox("local", memory_mb=0)
     with pytest.raises(TypeError):
         make_sandbox("local", memory_gb=1)
+    with pytest.raises(ValueError):
+        make_sandbox("local", prestart=-1)
 
 
 def test_sandbox_pickles_as_its_configuration(local_sandbox):

@@ -332,6 +332,10 @@ class _Kernel:
             texts.append(data.decode("utf-8", "replace"))
         return texts[0], texts[1], truncated
 
+    def exited(self) -> bool:
+        """Whether the kernel died while nobody was talking to it (a pidfd polls readable)."""
+        return not self.alive or bool(select.select([self.pidfd], [], [], 0)[0])
+
     def kill(self) -> None:
         """SIGKILL the namespace init; safe from any thread, any number of times."""
         with self._signal_lock:
@@ -370,7 +374,7 @@ class LocalSession(Session):
         self._kernel: _Kernel | None = None
         self._closed = False
         try:
-            self._kernel = sandbox._start_kernel()
+            self._kernel = sandbox._acquire_kernel()
         except SandboxError as exc:  # reported by the first run as infra_error
             log.warning("sandbox kernel failed to start (will retry on run): %s", exc)
 
@@ -385,7 +389,7 @@ class LocalSession(Session):
                 raise SandboxError("this sandbox session is closed")
             if self._kernel is None or not self._kernel.alive:
                 try:
-                    self._kernel = self._sandbox._start_kernel()
+                    self._kernel = self._sandbox._acquire_kernel()
                 except SandboxError as exc:
                     return ExecResult(ExecStatus.INFRA_ERROR, stderr=f"SandboxError: {exc}\n")
             result = self._kernel.run(code, timeout)
@@ -424,19 +428,25 @@ class LocalSandbox(Sandbox):
     Keyword arguments are the fields of ``Limits`` (or pass ``limits=``), plus:
     ``require_isolation``: raise ``SandboxError`` unless every isolation layer is active;
     ``tmp_size_mb``: size of each kernel's private tmpfs (default 4 x ``file_size_mb``);
-    ``sandbox_uid``: the unprivileged host uid kernels run as when we are root.
+    ``sandbox_uid``: the unprivileged host uid kernels run as when we are root;
+    ``prestart``: kernels kept started and idle, so ``session()`` (and the restart after a
+    timeout) takes one at once while a background thread forks the next (0: fork on demand).
     """
 
     def __init__(self, limits: Limits | None = None, *, require_isolation: bool = False,
-                 tmp_size_mb: int | None = None, sandbox_uid: int = 65534, **limit_overrides):
+                 tmp_size_mb: int | None = None, sandbox_uid: int = 65534, prestart: int = 1,
+                 **limit_overrides):
         if sys.platform != "linux":
             raise SandboxError("the local sandbox needs Linux; use the docker backend")
         self.limits = dataclasses.replace(limits or Limits(), **limit_overrides)
         for field in dataclasses.fields(Limits):
             if not getattr(self.limits, field.name) > 0:
                 raise ValueError(f"{field.name} must be positive")
+        if prestart < 0:
+            raise ValueError("prestart must be >= 0")
         self._options = dict(limits=self.limits, require_isolation=require_isolation,
-                             tmp_size_mb=tmp_size_mb, sandbox_uid=sandbox_uid)
+                             tmp_size_mb=tmp_size_mb, sandbox_uid=sandbox_uid, prestart=prestart)
+        self.prestart = prestart
         self.tmp_size_mb = tmp_size_mb or 4 * self.limits.file_size_mb
         self.sandbox_uid = sandbox_uid
         self._lock = threading.Lock()
@@ -446,6 +456,9 @@ class LocalSandbox(Sandbox):
         self._cgroups = KernelCgroups(self.limits.memory_mb << 20, self.limits.max_pids)
         self._cgroups_stale = False
         self._layers = {name: True for name in SETUP_LAYERS}
+        self._spares: list[_Kernel] = []
+        self._spares_changed = threading.Condition()
+        self._refiller: threading.Thread | None = None
         self.isolation_problems: dict[str, str] = {}
         """Why each missing isolation layer is missing."""
         _live_sandboxes.add(self)
@@ -464,6 +477,7 @@ class LocalSandbox(Sandbox):
         for name in missing:
             _warn_once(name, "sandbox isolation layer %r is not active on this machine: %s",
                        name, self.isolation_problems.get(name, "unavailable"))
+        self._request_refill()
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -487,6 +501,13 @@ class LocalSandbox(Sandbox):
             sessions = list(self._sessions)
         for session in sessions:
             session.close()
+        with self._spares_changed:
+            self._spares_changed.notify_all()
+            refiller, spares, self._spares = self._refiller, self._spares, []
+        if refiller is not None:
+            refiller.join(KERNEL_START_TIMEOUT_S)
+        for kernel in spares:
+            kernel.release()
         with self._lock:
             if self._zygote is not None:
                 self._zygote.close()
@@ -518,7 +539,10 @@ class LocalSandbox(Sandbox):
                     self._layers["filesystem_view"] = False
                 continue
             report = kernel.report
-            kernel.release()
+            if self.prestart:
+                self._spares.append(kernel)
+            else:
+                kernel.release()
             break
         else:
             raise SandboxError("could not start a sandbox kernel with any set of layers")
@@ -542,6 +566,53 @@ class LocalSandbox(Sandbox):
             "cgroup_memory": "memory" in self._cgroups.controllers,
         }
         return Isolation(layers={name: layers[name] for name in REPORTED_LAYERS})
+
+    def _acquire_kernel(self) -> _Kernel:
+        """A prestarted kernel if one is ready, else a new one; either way ask for a refill."""
+        kernel = None
+        with self._spares_changed:
+            while self._spares and kernel is None:
+                kernel = self._spares.pop(0)
+                if kernel.exited():
+                    kernel.release()
+                    kernel = None
+        self._request_refill()
+        return kernel if kernel is not None else self._start_kernel()
+
+    def _request_refill(self) -> None:
+        with self._spares_changed:
+            if not self.prestart or self._closed:
+                return
+            if self._refiller is None:
+                self._refiller = threading.Thread(target=self._refill, daemon=True,
+                                                  name="tir-sandbox-prestart")
+                self._refiller.start()
+            self._spares_changed.notify_all()
+
+    def _refill(self) -> None:
+        """Background: keep ``prestart`` kernels ready; back off while kernels cannot start."""
+        backoff = 0.0
+        while True:
+            with self._spares_changed:
+                if backoff:
+                    self._spares_changed.wait_for(lambda: self._closed, timeout=backoff)
+                self._spares_changed.wait_for(
+                    lambda: self._closed or len(self._spares) < self.prestart)
+                if self._closed:
+                    return
+            try:
+                kernel = self._start_kernel()
+            except SandboxError as exc:
+                backoff = min(max(2 * backoff, 0.5), 30.0)
+                log.warning("could not prestart a sandbox kernel (retry in %.1f s): %s",
+                            backoff, exc)
+                continue
+            backoff = 0.0
+            with self._spares_changed:
+                if self._closed:
+                    kernel.release()
+                    return
+                self._spares.append(kernel)
 
     def _start_kernel(self) -> _Kernel:
         """Ask the zygote for a kernel (restarting a dead zygote once) and wait until it is up."""
@@ -662,6 +733,11 @@ class LocalSandbox(Sandbox):
         """Locks may be held by threads that do not exist here, and the zygote, kernels and
         cgroups belong to the parent: start over lazily, without touching theirs."""
         self._lock = threading.Lock()
+        self._spares_changed = threading.Condition()
+        self._refiller = None
+        for kernel in self._spares:
+            kernel.abandon()
+        self._spares = []
         if self._zygote is not None:
             self._zygote.abandon()
             self._zygote = None
