@@ -117,6 +117,15 @@ def test_preloaded_math_modules_work(session):
     assert out == "[-2, 2] 1.0 10 1 6\n"
 
 
+def test_cells_compile_like_a_plain_script(session):
+    out = run_ok(session, """
+        def f(x: int) -> int:
+            return x
+        print(f.__annotations__, __name__)
+    """)  # no __future__ flags leak in from the sandbox's own code
+    assert out == "{'x': <class 'int'>, 'return': <class 'int'>} __main__\n"
+
+
 def test_sessions_share_neither_state_nor_files(sandbox):
     with sandbox.session() as first, sandbox.session() as second:
         run_ok(first, "secret = 7\nopen('/tmp/note.txt', 'w').write('first')")

@@ -257,7 +257,7 @@ def zygote_main(control_fd: int) -> None:
         config["interpreter_dirs"] = roots
         if os.fork() == 0:
             try:
-                _stage_a(fds[0], control_fd, config)
+                _supervisor_stage(fds[0], control_fd, config)
             finally:
                 os._exit(0)
         for fd in fds:
@@ -309,7 +309,7 @@ def _drop_to(uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def _stage_a(sock_fd: int, control_fd: int, config: dict) -> None:
+def _supervisor_stage(sock_fd: int, control_fd: int, config: dict) -> None:
     os.close(control_fd)  # the kernel must never be able to ask the zygote for anything
     os.closerange(3, sock_fd)
     os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
@@ -364,7 +364,7 @@ def _isolate_and_fork(sock: socket.socket, config: dict) -> None:
         os.read(go_read, 1)  # the parent must hear about us (PIDFD) before anything else
         os.close(go_read)
         try:
-            _reporting_failures(sock, _stage_kernel, config, out_fd, err_fd)
+            _reporting_failures(sock, _kernel_stage, config, out_fd, err_fd)
         finally:
             os._exit(1)
     os.close(go_read)
@@ -545,7 +545,7 @@ def _set_limits(config: dict) -> list[str]:
     return failed
 
 
-def _stage_kernel(sock: socket.socket, config: dict, out_fd: int, err_fd: int) -> None:
+def _kernel_stage(sock: socket.socket, config: dict, out_fd: int, err_fd: int) -> None:
     layers = config["layers"]
     os.setsid()
     if layers["mount_ns"] and layers["pid_ns"]:  # /proc shows only this namespace
@@ -581,6 +581,7 @@ class Kernel:
         main = types.ModuleType("__main__")  # a real __main__, so pickle finds cell functions
         main.__builtins__ = builtins
         sys.modules["__main__"] = main
+        sys.argv = [""]  # as in an interactive interpreter; no trace of this script
         self.globals = main.__dict__
         self.cells = 0
 
@@ -604,7 +605,7 @@ class Kernel:
         status = OK
         try:
             linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-            exec(compile(code, filename, "exec"), self.globals)
+            exec(compile(code, filename, "exec", dont_inherit=True), self.globals)
         except OutputLimitExceeded:
             status = OUTPUT_LIMIT
         except SystemExit as exc:
