@@ -11,7 +11,7 @@ One request, one reply:
 
   {"op": "hello"}                      -> facts about the isolation, measured from inside
   {"op": "open", "limits": {...}}      -> a fresh kernel for a new session
-  {"op": "run", "code", "timeout"}     -> {"status", "stdout", "stderr", "exec_s", "ok"}
+  {"op": "run", "code", "timeout"}     -> {"status", "stdout", "stderr", "ok"}
   {"op": "close"}                      -> kill every process but this one, wipe scratch space
 
 A container hosts one session at a time, so on close or after a kernel fault everything except
@@ -203,9 +203,7 @@ def isolation_facts() -> dict:
         "read_only_rootfs": "ro" in mounts.get("/", ("", []))[1],
         "tmp_tmpfs": mounts.get("/tmp", ("", []))[0] == "tmpfs",
         "interfaces": sorted(os.listdir("/sys/class/net")),
-        "oom_counter": _oom_kills() is not None,
         "memory_watch": memory_in_use() is not None,
-        "python": sys.version.split()[0],
     }
 
 
@@ -406,7 +404,7 @@ def _run_cell(source: str, filename: str, namespace: dict) -> str:
     import linecache
 
     try:
-        compiled = compile(source, filename, "exec")
+        compiled = compile(source, filename, "exec", dont_inherit=True)  # no __future__ of ours
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         exec(compiled, namespace)
     except OutputLimitExceeded:
@@ -425,23 +423,39 @@ def _run_cell(source: str, filename: str, namespace: dict) -> str:
     return "ok"
 
 
+def _live_strays() -> bool:
+    """Whether any process other than PID 1 and this one is still alive (zombies don't count)."""
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in (1, me):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    state = f.read().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if state not in ("Z", "X"):
+                return True
+    return False
+
+
 def _kill_strays() -> None:
     """Processes a cell started do not outlive it (as in the local backend).
 
     kill(-1) reaches every process of ours except this one and PID 1; the container holds only
-    this session, so that is exactly what the cell left running.
+    this session, so that is exactly what the cell left running. It is repeated until nothing
+    is left alive: a child forked while kill(-1) walked the task list escapes one round. Our own
+    children are reaped here, orphans by the runner once we reply.
     """
     end = time.monotonic() + 1.0
-    while time.monotonic() < end:
+    while True:
         try:
             os.kill(-1, signal.SIGKILL)
         except ProcessLookupError:
             return
-        reap()  # SIGKILL lands asynchronously: our own children need a moment to become zombies
-        try:
-            os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return  # orphans it left are the runner's to reap
+        reap()
+        if not _live_strays() or time.monotonic() > end:
+            reap()
+            return
         time.sleep(0.0005)
 
 
@@ -637,7 +651,6 @@ class Kernel:
             "status": status,
             "stdout": stdout.decode("utf-8", "replace"),
             "stderr": text,
-            "exec_s": time.monotonic() - start,
         }, alive
 
 

@@ -3,7 +3,7 @@
 Each container runs ``sandbox_image/runner.py`` as PID 1: a zygote that imported numpy and sympy
 once and forks one kernel per session. The host speaks to it over the container's attached
 stdin/stdout (one hijacked HTTP connection per container, no ``exec`` per call), so a warm run
-costs a couple of milliseconds on top of the code itself.
+costs well under a millisecond on top of the code itself on an idle machine.
 
 A container serves one session at a time, which is what lets the runner ``kill(-1)`` everything
 (daemons the code forked included) and wipe its tmpfs when the session ends; the container then
@@ -80,10 +80,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_leftovers(client, everything: bool = False) -> int:
-    """Remove sandbox containers whose owning process on this host is gone (all with ``everything``).
+def remove_leftovers(client) -> int:
+    """Remove sandbox containers whose owning process on this host is gone; returns how many.
 
-    Returns how many were removed. CI calls this with ``everything=True`` before the tests.
+    Containers normally remove themselves when their owner dies (stdin closes, the runner exits,
+    ``auto_remove``); this catches one killed between create and attach. ``scripts/docker_engine.sh``
+    removes every labelled container before CI runs.
     """
     host = socket.gethostname()
     removed = 0
@@ -91,7 +93,7 @@ def remove_leftovers(client, everything: bool = False) -> int:
     for container in found:
         owner_host, _, owner_pid = container.labels.get(OWNER_LABEL, "").rpartition("/")
         stale = owner_host == host and owner_pid.isdigit() and not _pid_alive(int(owner_pid))
-        if everything or stale:
+        if stale:
             _force_remove(container)
             removed += 1
     if removed:
@@ -213,10 +215,8 @@ class _Container:
                 return
             payload = bytes(self._raw[8 : 8 + size])
             del self._raw[: 8 + size]
-            if stream == 1:
+            if stream == 1:  # stdout; stderr is not attached (it goes to the container log)
                 self._out += payload
-            else:
-                log.warning("container %s: %s", self.short_id, payload.decode(errors="replace"))
 
     def oom_killed(self) -> bool:
         """Whether docker saw this container die of the cgroup OOM killer (best effort)."""
@@ -257,6 +257,7 @@ def _isolation(facts: dict, network_filter: bool, container) -> Isolation:
             "no_new_privileges": facts["no_new_privs"],
             "seccomp": facts["seccomp"],
             "memory_limit": bool(host_config.get("Memory")),
+            "memory_watch": facts["memory_watch"],
             "pids_limit": bool(host_config.get("PidsLimit")),
             "rlimits": True,
         }
@@ -266,9 +267,10 @@ def _isolation(facts: dict, network_filter: bool, container) -> Isolation:
 class DockerSandbox(Sandbox):
     """A warm pool of hardened containers; each session leases one for its lifetime.
 
-    ``pool_size`` containers are kept started and idle, so a new session costs one kernel fork.
-    More concurrent sessions than that start extra containers on demand (about a second each),
-    removed again when their session ends and the pool is full.
+    Up to ``pool_size`` containers wait started and idle, so a new session costs one kernel fork
+    (~10 ms); a closed session's container is wiped and goes back to the pool. The pool is topped
+    up in the background when it runs dry; a session that finds it empty starts a container
+    itself (about a second). ``pool_size=0`` starts one per session.
 
     Keyword arguments are the fields of ``Limits`` (or pass ``limits=``), plus: ``cpus`` per
     container; ``tmp_size_mb`` for its /tmp tmpfs (default 4 x ``file_size_mb``);
