@@ -315,7 +315,8 @@ def _home_file() -> str:
 
 
 HOSTILE = [
-    Hostile("fork_bomb", "import os\nwhile True:\n    os.fork()", (ERROR, TIMEOUT, MEMORY)),
+    Hostile("fork_bomb", "import os\nwhile True:\n    os.fork()",  # every copy may print a traceback
+            (ERROR, TIMEOUT, MEMORY, OUTPUT_LIMIT)),
     Hostile("fork_bomb_swallowing_errors",
             "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
             (TIMEOUT, ERROR, MEMORY)),
@@ -646,11 +647,13 @@ def test_zygote_restarts_and_live_sessions_survive(local_sandbox):
         run_ok(old, "v = 'kept'")
         first = local_sandbox.zygote_pid
         os.kill(first, signal.SIGKILL)
-        assert _wait_until(lambda: local_sandbox.zygote_pid != first)
+        assert _wait_until(lambda: not psutil.pid_exists(first))
         assert run_ok(old, "print(v)") == "kept\n"  # kernels do not depend on the zygote
-        with local_sandbox.session() as new:
-            assert run_ok(new, "print('reborn')") == "reborn\n"
-        assert local_sandbox.zygote_pid not in (None, first)
+        sessions = [local_sandbox.session() for _ in range(3)]  # past the prestarted kernel
+        for s in sessions:
+            assert run_ok(s, "print('reborn')") == "reborn\n"
+            s.close()
+        assert _wait_until(lambda: local_sandbox.zygote_pid not in (None, first), timeout=30)
 
 
 def test_oom_kill_is_reported_as_memory():
