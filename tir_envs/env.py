@@ -315,6 +315,7 @@ class TIRMathEnv(gymnasium.Env[str, str]):
     ) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
         self._close_session()
+        self._problem = None  # a reset that fails below leaves nothing to step
         options = dict(options or {})
         problem_id = options.pop("problem_id", None)
         problem_index = options.pop("problem_index", None)
