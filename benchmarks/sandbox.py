@@ -73,7 +73,7 @@ def timed(fn, repeats: int) -> list[float]:
 def fresh_interpreter(code: str, repeats: int) -> dict:
     def once() -> None:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd="/tmp")
+                              cwd="/tmp", check=False)
         if done.returncode != 0:
             raise RuntimeError(done.stderr)
 
@@ -182,7 +182,10 @@ def docker_memory(sandbox) -> dict:
 
 def bench_backend(name: str, quick: bool) -> dict:
     scale = 0.2 if quick else 1.0
-    n = lambda count: max(5, int(count * scale))  # noqa: E731 - a tiny local helper
+
+    def n(count: int) -> int:
+        return max(5, int(count * scale))
+
     started = time.perf_counter()
     sandbox = make_sandbox(name)
     result: dict = {"sandbox_start_s": round(time.perf_counter() - started, 3),
@@ -246,18 +249,18 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# Sandbox benchmark",
         "",
-        f"{report['date']} · {m['cpu_model']} · {m['cores']} cores · {m['memory_gib']} GiB · "
+        (f"{report['date']} · {m['cpu_model']} · {m['cores']} cores · {m['memory_gib']} GiB · "
         f"Linux {m['kernel']} · Python {m['python']} · load average at start "
-        f"{', '.join(map(str, m['load_average_at_start']))}",
+        f"{', '.join(map(str, m['load_average_at_start']))}"),
         "",
-        "Trivial snippet: `print(sum(range(10)))`. Numeric snippet: numpy + sympy (solve a "
+        ("Trivial snippet: `print(sum(range(10)))`. Numeric snippet: numpy + sympy (solve a "
         "quadratic, a 2x2 linear system). Baseline: a fresh `python -c` per snippet, same "
-        "interpreter, same run.",
+        "interpreter, same run."),
         "",
         "| | trivial p50 | trivial p99 | numeric p50 | numeric p99 |",
         "|---|---|---|---|---|",
-        f"| fresh `python -c` | {base['trivial']['p50_ms']:.2f} ms | {base['trivial']['p99_ms']:.2f} ms"
-        f" | {base['numeric']['p50_ms']:.1f} ms | {base['numeric']['p99_ms']:.1f} ms |",
+        (f"| fresh `python -c` | {base['trivial']['p50_ms']:.2f} ms | {base['trivial']['p99_ms']:.2f} ms"
+        f" | {base['numeric']['p50_ms']:.1f} ms | {base['numeric']['p99_ms']:.1f} ms |"),
     ]
     for name, r in report["backends"].items():
         if "skipped" in r:
@@ -269,9 +272,9 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {name}, new session per snippet | {r['cold_trivial']['p50_ms']:.2f} ms | "
             f"{r['cold_trivial']['p99_ms']:.2f} ms | | |")
-    lines += ["", "| backend | speedup vs fresh python (trivial / numeric p50) | execs/s, 1 session"
+    lines += ["", ("| backend | speedup vs fresh python (trivial / numeric p50) | execs/s, 1 session"
               " | execs/s, 2 sessions | session start p50 / p99, after a pause | session start "
-              "p50 / p99, back to back | session close p50 | sandbox start |",
+              "p50 / p99, back to back | session close p50 | sandbox start |"),
               "|---|---|---|---|---|---|---|---|"]
     for name, r in report["backends"].items():
         if "skipped" in r:
@@ -287,9 +290,9 @@ def render_markdown(report: dict) -> str:
     local = report["backends"].get("local", {})
     if "kernel_spawn_without_prestart" in local:
         spawn = local["kernel_spawn_without_prestart"]
-        lines += ["", f"Local kernel spawn with nothing prestarted (fork from the zygote, "
+        lines += ["", (f"Local kernel spawn with nothing prestarted (fork from the zygote, "
                       f"namespaces, filesystem view, cgroups, until ready): p50 "
-                      f"{spawn['p50_ms']:.1f} ms, p99 {spawn['p99_ms']:.1f} ms."]
+                      f"{spawn['p50_ms']:.1f} ms, p99 {spawn['p99_ms']:.1f} ms.")]
     lines += ["", "Memory:", ""]
     for name, r in report["backends"].items():
         if "memory" in r:

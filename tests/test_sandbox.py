@@ -20,7 +20,6 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import textwrap
 import threading
 import time
@@ -39,8 +38,8 @@ from tir_envs.sandbox import ExecStatus, Limits, SandboxError, make_sandbox
 from tir_envs.sandbox import local as local_backend
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LIMITS = dict(timeout_s=5.0, memory_mb=256, cpu_s=30, max_output_bytes=4096, file_size_mb=4,
-              max_open_files=64, max_pids=32)
+LIMITS = {"timeout_s": 5.0, "memory_mb": 256, "cpu_s": 30, "max_output_bytes": 4096,
+          "file_size_mb": 4, "max_open_files": 64, "max_pids": 32}
 HOSTILE_TIMEOUT_S = 1.5
 """Per-run wall clock for hostile snippets: long enough to misbehave, short enough for CI."""
 ENV_CANARY = "TIR_SANDBOX_TEST_SECRET"
@@ -563,10 +562,10 @@ def test_missing_layers_are_logged_once_and_can_be_required(monkeypatch, caplog)
     monkeypatch.setattr(local_backend, "KernelCgroups", NoCgroups)
     monkeypatch.setattr(local_backend, "_missing_logged", set())
     with pytest.raises(SandboxError, match="cgroup_pids"):
-        make_sandbox("local", require_isolation=True, **LIMITS)
+        make_sandbox("local", require_isolation=True, prestart=0, **LIMITS)
     with caplog.at_level("WARNING", logger=local_backend.__name__):
         for _ in range(2):
-            with make_sandbox("local", **LIMITS) as sb:
+            with make_sandbox("local", prestart=0, **LIMITS) as sb:
                 assert {"cgroup_pids", "cgroup_memory"} <= set(sb.isolation.missing)
                 assert sb.run("print('works')").stdout == "works\n"
     warned = [r for r in caplog.records if "cgroup_pids" in r.getMessage()]
@@ -575,7 +574,7 @@ def test_missing_layers_are_logged_once_and_can_be_required(monkeypatch, caplog)
 
 def test_require_isolation_passes_when_everything_is_active():
     require(os.geteuid() == 0 and _namespaces_expected(), "needs root and user namespaces")
-    with make_sandbox("local", require_isolation=True, **LIMITS) as sb:
+    with make_sandbox("local", require_isolation=True, prestart=0, **LIMITS) as sb:
         assert sb.run("print('isolated')").stdout == "isolated\n"
 
 
@@ -658,7 +657,8 @@ def test_zygote_restarts_and_live_sessions_survive(local_sandbox):
 
 def test_oom_kill_is_reported_as_memory():
     """Memory RLIMIT_AS cannot see (unmapped memfd pages) still hits the kernel's cgroup."""
-    with make_sandbox("local", **{**LIMITS, "memory_mb": 128}) as sb, sb.session() as s:
+    small = {**LIMITS, "memory_mb": 128}
+    with make_sandbox("local", prestart=0, **small) as sb, sb.session() as s:
         require(sb.isolation.layers["cgroup_memory"], "needs the memory cgroup")
         run_ok(s, "kept = 1")
         result = s.run(textwrap.dedent("""
@@ -677,7 +677,7 @@ def test_oom_kill_is_reported_as_memory():
 
 
 def test_cpu_limit_stops_a_kernel_the_wall_clock_would_not():
-    with make_sandbox("local", **{**LIMITS, "cpu_s": 1}) as sb, sb.session() as s:
+    with make_sandbox("local", prestart=0, **{**LIMITS, "cpu_s": 1}) as sb, sb.session() as s:
         result = s.run("while True: pass", timeout=30)
         assert result.status is TIMEOUT and "CPU" in result.stderr
         assert run_ok(s, "print('again')") == "again\n"
@@ -782,7 +782,7 @@ class SandboxEchoEnv(gym.Env):
     action_space = gym.spaces.Text(max_length=4096, charset=charset)
 
     def __init__(self):
-        self.sandbox = make_sandbox("local", **LIMITS)
+        self.sandbox = make_sandbox("local", prestart=0, **LIMITS)
         self.session = None
 
     def reset(self, *, seed=None, options=None):

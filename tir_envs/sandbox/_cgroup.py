@@ -48,7 +48,7 @@ class _Controller:
         events = "memory.events" if self.v2 else "memory.oom_control"
         try:
             with open(os.path.join(group, events)) as fh:
-                match = re.search(r"^oom_kill (\d+)$", fh.read(), re.M)
+                match = re.search(r"^oom_kill (\d+)$", fh.read(), re.MULTILINE)
         except OSError:
             return 0
         return int(match.group(1)) if match else 0

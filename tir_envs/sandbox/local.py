@@ -444,8 +444,9 @@ class LocalSandbox(Sandbox):
                 raise ValueError(f"{field.name} must be positive")
         if prestart < 0:
             raise ValueError("prestart must be >= 0")
-        self._options = dict(limits=self.limits, require_isolation=require_isolation,
-                             tmp_size_mb=tmp_size_mb, sandbox_uid=sandbox_uid, prestart=prestart)
+        self._options = {"limits": self.limits, "require_isolation": require_isolation,
+                         "tmp_size_mb": tmp_size_mb, "sandbox_uid": sandbox_uid,
+                         "prestart": prestart}
         self.prestart = prestart
         self.tmp_size_mb = tmp_size_mb or 4 * self.limits.file_size_mb
         self.sandbox_uid = sandbox_uid
