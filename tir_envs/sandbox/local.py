@@ -584,7 +584,7 @@ class LocalSandbox(Sandbox):
         with self._spares_changed:
             if not self.prestart or self._closed:
                 return
-            if self._refiller is None:
+            if self._refiller is None or not self._refiller.is_alive():
                 self._refiller = threading.Thread(target=self._refill, daemon=True,
                                                   name="tir-sandbox-prestart")
                 self._refiller.start()
@@ -603,7 +603,9 @@ class LocalSandbox(Sandbox):
                     return
             try:
                 kernel = self._start_kernel()
-            except SandboxError as exc:
+            except (SandboxError, OSError) as exc:
+                if self._closed:
+                    return
                 backoff = min(max(2 * backoff, 0.5), 30.0)
                 log.warning("could not prestart a sandbox kernel (retry in %.1f s): %s",
                             backoff, exc)
