@@ -18,7 +18,15 @@ Semantics worth knowing:
   earlier variables are gone.
 - ``stdout``/``stderr`` are cut at ``max_output_bytes`` each (the cell is stopped once it writes
   past that; the status is then ``output_limit``, even if the cell also raised) and decoded as
-  UTF-8 with replacement characters, so they are always valid text.
+  UTF-8 with replacement characters, so they are always valid text. Output written before a
+  timeout or crash is kept.
+- ``memory_mb`` is what the code may allocate on top of the preloaded interpreter (RLIMIT_AS is
+  set that far above the kernel's starting address space; the cgroup, which also sees tmpfs and
+  pipes, caps the pages the kernel adds). ``cpu_s`` is a budget for the kernel's lifetime, a
+  backstop behind the per-run wall clock. The writable /tmp is a tmpfs of ``tmp_size_mb``.
+- What the kernel sees of the host: /usr, /etc and the interpreter's own directories (its venv
+  and base prefix), read-only; nothing else. It runs as ``sandbox_uid`` when we are root.
+- Each kernel takes ~10 MB of private memory besides what it shares with the zygote.
 """
 
 from __future__ import annotations
