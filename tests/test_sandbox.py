@@ -655,6 +655,18 @@ def test_zygote_restarts_and_live_sessions_survive(local_sandbox):
         assert _wait_until(lambda: local_sandbox.zygote_pid not in (None, first), timeout=30)
 
 
+def test_a_hung_zygote_is_replaced(monkeypatch):
+    monkeypatch.setattr(local_backend, "KERNEL_START_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(local_backend, "KILL_WAIT_S", 0.5)
+    with make_sandbox("local", prestart=0, **LIMITS) as sb:
+        hung = sb.zygote_pid
+        os.kill(hung, signal.SIGSTOP)
+        with sb.session() as s:  # its kernel cannot start in time; the run starts another
+            assert run_ok(s, "print('hello')") == "hello\n"
+        assert _wait_until(lambda: not psutil.pid_exists(hung))
+        assert sb.zygote_pid not in (None, hung)
+
+
 def test_oom_kill_is_reported_as_memory():
     """Memory RLIMIT_AS cannot see (unmapped memfd pages) still hits the kernel's cgroup."""
     small = {**LIMITS, "memory_mb": 128}

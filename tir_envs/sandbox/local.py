@@ -692,6 +692,10 @@ class LocalSandbox(Sandbox):
         try:
             frame = channel.read(deadline)
         except TimeoutError:
+            with self._lock:  # a zygote that stopped answering is replaced on the next start
+                if self._zygote is zygote:
+                    self._zygote = None
+            zygote.close()
             raise SandboxError("a new sandbox kernel did not start in time") from None
         except (OSError, _ProtocolError) as exc:
             raise SandboxError(f"a new sandbox kernel broke the protocol: {exc!r}") from None
