@@ -655,6 +655,20 @@ def test_zygote_restarts_and_live_sessions_survive(local_sandbox):
         assert _wait_until(lambda: local_sandbox.zygote_pid not in (None, first), timeout=30)
 
 
+def test_a_kernel_that_cannot_start_is_an_infra_error(monkeypatch):
+    with make_sandbox("local", prestart=0, **LIMITS) as sb:
+        def broken(self):
+            raise SandboxError("no kernels today")
+
+        monkeypatch.setattr(local_backend.LocalSandbox, "_try_start_kernel", broken)
+        s = sb.session()  # does not raise: the env's reset must survive a broken sandbox
+        result = s.run("print(1)")
+        assert result.status is ExecStatus.INFRA_ERROR and "no kernels today" in result.stderr
+        monkeypatch.undo()
+        assert run_ok(s, "print(2)") == "2\n"
+        s.close()
+
+
 def test_a_hung_zygote_is_replaced(monkeypatch):
     monkeypatch.setattr(local_backend, "KERNEL_START_TIMEOUT_S", 1.0)
     monkeypatch.setattr(local_backend, "KILL_WAIT_S", 0.5)
