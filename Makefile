@@ -1,6 +1,8 @@
 # `make train` and `make test` are the two commands README.md promises on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Offline by default: the default model comes from the GGUF on PyPI. HF_HUB_OFFLINE=0 uses the hub.
+export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup train test bench docker-engine
 

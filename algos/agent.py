@@ -226,6 +226,8 @@ class Agent:
     def _check_env(self, env) -> None:
         """Fail before any work when the env is not a TIR env."""
         if isinstance(env, str):
+            import tir_envs  # noqa: F401  (registers the TIR env ids)
+
             try:
                 spec = gymnasium.spec(env)
             except gymnasium.error.Error as exc:

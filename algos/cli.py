@@ -21,6 +21,7 @@ import typer
 from algos.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_show_locals=False,
                   help="tir-gym: train and evaluate language models on TIR environments.")
 logger = logging.getLogger("tir")
 
@@ -150,8 +151,11 @@ def train(
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
     env_kwargs = {"data_dir": str(data_dir)} if data_dir else {}
     started = time.perf_counter()
-    agent = algos.make(algo, model, env, algo_config, rollout=rollout, run_dir=run_dir,
-                       env_kwargs=env_kwargs)
+    try:
+        agent = algos.make(algo, model, env, algo_config, rollout=rollout, run_dir=run_dir,
+                           env_kwargs=env_kwargs)
+    except (ValueError, TypeError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
     with agent:
         resumed = resume and agent.resume()
         report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
@@ -212,7 +216,10 @@ def evaluate(
     rollout = RolloutConfig(max_new_tokens=max_new_tokens, max_turns=max_turns,
                             max_total_tokens=max(2048, 2 * max_new_tokens),
                             temperature=temperature)
-    policy, tokenizer = load_policy(model)
+    try:
+        policy, tokenizer = load_policy(model)
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from None
     env_kwargs = {"data_dir": str(data_dir)} if data_dir else {}
     vec_env, sandbox = make_vec_env(env, batch, tokenizer, rollout, env_kwargs)
     try:

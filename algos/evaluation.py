@@ -39,11 +39,10 @@ def evaluate_problems(
         params = sampling if sampling.seed is None else _with_seed(sampling, sampling.seed + s)
         for start in range(0, len(problem_ids), width):
             chunk = problem_ids[start : start + width]
-            padded = chunk + [chunk[-1]] * (width - len(chunk))
             trajectories = collect(
-                vec_env, generator, tokenizer, padded, 1, params, max_total_tokens=max_total_tokens
+                vec_env, generator, tokenizer, chunk, 1, params, max_total_tokens=max_total_tokens
             )
-            for trajectory in trajectories[: len(chunk)]:
+            for trajectory in trajectories:
                 records.append(sample_record(trajectory, sample=s))
     return records
 

@@ -184,18 +184,23 @@ def collect(
 ) -> list[Trajectory]:
     """Roll out ``group_size`` episodes of each problem; returns ``len(problem_ids) * group_size`` records.
 
-    Envs ``[k * group_size, (k + 1) * group_size)`` form group ``k`` on ``problem_ids[k]``.
+    Envs ``[k * group_size, (k + 1) * group_size)`` form group ``k`` on ``problem_ids[k]``. A vector
+    env with more envs than that leaves the rest idle: they are reset (vector envs step in
+    lockstep, so every env needs an episode) but never generate.
     """
-    num_envs = len(problem_ids) * group_size
-    if vec_env.num_envs != num_envs:
+    needed = len(problem_ids) * group_size
+    num_envs = vec_env.num_envs
+    if not problem_ids or needed > num_envs:
         raise ValueError(
-            f"vector env has {vec_env.num_envs} envs; {len(problem_ids)} prompts x {group_size} "
-            f"samples need {num_envs}"
+            f"{len(problem_ids)} prompts x {group_size} samples need {needed} envs; "
+            f"the vector env has {num_envs}"
         )
     observations = [None] * num_envs
-    for group, problem_id in enumerate(problem_ids):
+    groups = -(-num_envs // group_size)
+    for group in range(groups):
         mask = np.zeros(num_envs, dtype=bool)
         mask[group * group_size : (group + 1) * group_size] = True
+        problem_id = problem_ids[min(group, len(problem_ids) - 1)]
         obs, _ = vec_env.reset(options={"problem_id": problem_id, "reset_mask": mask})
         for i in np.flatnonzero(mask):
             observations[i] = obs[i]
@@ -206,17 +211,17 @@ def collect(
             group_id=i // group_size,
             problem_id=problem_ids[i // group_size],
         )
-        for i in range(num_envs)
+        for i in range(needed)
     ]
     contexts = [list(t.prompt_ids) for t in trajectories]
-    active = [True] * num_envs
+    active = [True] * needed + [False] * (num_envs - needed)
 
     while any(active):
-        running = [i for i in range(num_envs) if active[i]]
+        running = [i for i in range(needed) if active[i]]
         completions = generator.generate([contexts[i] for i in running], sampling)
         actions = [""] * num_envs
         for i, completion in zip(running, completions):
-            actions[i] = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            actions[i] = completion.text
         obs, rewards, terminated, truncated, infos = vec_env.step(tuple(actions))
         for i, completion in zip(running, completions):
             trajectory = trajectories[i]

@@ -183,12 +183,13 @@ def test_bad_inputs_fail_before_any_work(tokenizer, tmp_path):
 
 
 RESUME_SCRIPT = textwrap.dedent("""
-    import sys, algos
+    import sys, torch, algos
     from algos.config import GTPOConfig
     from algos.rollout import RolloutConfig
     from tests.tiny import tiny_model, tiny_tokenizer
 
     run_dir, iterations = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)
     tok = tiny_tokenizer()
     config = GTPOConfig(prompts_per_iteration=2, group_size=2, minibatch_size=2,
                         grad_accum_steps=1, lr=1e-3, seed=7)
