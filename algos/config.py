@@ -207,7 +207,8 @@ class PPOConfig(AlgoConfig):
     turn_rewards: bool = True
     group_size: int = 1
     """PPO's baseline is the critic, so one rollout per prompt suffices."""
-    prompts_per_iteration: int = 64
+    prompts_per_iteration: int = 128
+    """128 prompts x 1 rollout: as many trajectories per batch as GRPO's 16 x 8."""
     update_epochs: int = 2
     """Critic-based advantages tolerate reuse; verl uses 1, CleanRL 4."""
     gamma: float = 1.0
