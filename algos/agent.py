@@ -341,6 +341,7 @@ class Agent:
         trajectories = collect(
             self.vec_env(), self.generator, self.tokenizer, problems, self.config.group_size,
             self.sampling_params(seed), max_total_tokens=self.rollout.max_total_tokens,
+            progress=progress,
         )
         timings["time/rollout_s"] = time.perf_counter() - start
 

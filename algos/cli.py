@@ -76,7 +76,10 @@ def build_configs(algo: str, config_file: Optional[Path], sets: list[str], defau
     import algos
     from algos.rollout import RolloutConfig
 
-    cls = algos.get_algorithm(algo).config_class
+    try:
+        cls = algos.get_algorithm(algo).config_class
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     algo_values: dict[str, Any] = {}
     rollout_values: dict[str, Any] = {}
 
@@ -156,6 +159,7 @@ def train(
                            env_kwargs=env_kwargs)
     except (ValueError, TypeError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
     with agent:
         resumed = resume and agent.resume()
         report: dict[str, Any] = {"algo": algo, "env": env, "model": model,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from algos.generation.base import Generator, SamplingParams
 
@@ -181,6 +182,7 @@ def collect(
     group_size: int,
     sampling: SamplingParams,
     max_total_tokens: int = 2048,
+    progress: bool = False,
 ) -> list[Trajectory]:
     """Roll out ``group_size`` episodes of each problem; returns ``len(problem_ids) * group_size`` records.
 
@@ -216,6 +218,7 @@ def collect(
     contexts = [list(t.prompt_ids) for t in trajectories]
     active = [True] * needed + [False] * (num_envs - needed)
 
+    bar = tqdm(total=needed, desc="rollout", unit="episode", leave=False, disable=not progress)
     while any(active):
         running = [i for i in range(needed) if active[i]]
         completions = generator.generate([contexts[i] for i in running], sampling)
@@ -249,4 +252,6 @@ def collect(
             else:
                 continue
             active[i] = False
+            bar.update(1)
+    bar.close()
     return trajectories
