@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from algos.leaderboard import DEFAULT_BENCHMARKS
 from algos.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -242,6 +243,68 @@ def evaluate(
     if out:
         out.write_text(text)
     typer.echo(text)
+
+
+@app.command()
+def leaderboard(
+    model: Annotated[list[str], typer.Option(
+        help="HF model dir, .gguf or hub id, or label=path; repeatable "
+             "(default: the default model unless --endpoint is given)")] = [],  # noqa: B006
+    endpoint: Annotated[Optional[str], typer.Option(
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")] = None,
+    endpoint_model: Annotated[Optional[str], typer.Option(help="the served model name")] = None,
+    endpoint_tokenizer: Annotated[Optional[str], typer.Option(
+        help="model dir or hub id of the endpoint's tokenizer (default: --endpoint-model)")] = None,
+    benchmarks: Annotated[str, typer.Option(help="comma list")] = ",".join(DEFAULT_BENCHMARKS),
+    limit: Annotated[Optional[str], typer.Option(
+        help="first N problems of each benchmark, or gsm8k=200,math500=100 (default: all)")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="per problem; pass@k uses k=samples")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_turns: Annotated[int, typer.Option(min=1)] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="per turn")] = 256,
+    max_total_tokens: Annotated[Optional[int], typer.Option(
+        help="per episode (default: max(2048, 2 x max-new-tokens))")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="episodes rolled out together")] = 8,
+    seed: int = 0,
+    data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
+    out: Annotated[Path, typer.Option(help="results dir; rerun to resume")] = Path("leaderboard"),
+    title: str = "TIR leaderboard",
+    verbose: bool = False,
+) -> None:
+    """Evaluate models x benchmarks under one protocol; resumable; JSON, Markdown, plot, HTML."""
+    _setup_logging(verbose)
+    from algos.leaderboard import (
+        LeaderboardConfig,
+        ModelSpec,
+        SetupError,
+        parse_limit,
+        run_leaderboard,
+    )
+
+    try:
+        if (endpoint is None) != (endpoint_model is None):
+            raise ValueError("--endpoint and --endpoint-model go together")
+        specs = [ModelSpec.parse(m) for m in model]
+        if endpoint:
+            specs.append(ModelSpec.for_endpoint(endpoint, endpoint_model,
+                                                tokenizer=endpoint_tokenizer))
+        config = LeaderboardConfig(
+            benchmarks=tuple(benchmarks.split(",")), limit=parse_limit(limit), samples=samples,
+            temperature=temperature, top_p=top_p, max_turns=max_turns,
+            max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch=batch,
+            seed=seed, data_dir=str(data_dir) if data_dir else None,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        results = run_leaderboard(specs or [ModelSpec.parse(DEFAULT_MODEL)], config, out,
+                                  title=title)
+    except SetupError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo((out / "leaderboard.md").read_text())
+    typer.echo(f"results: {out / 'results.json'}  page: {out / 'index.html'}"
+               + ("" if results["complete"] else "  (incomplete: rerun to finish)"))
 
 
 def main() -> None:  # pragma: no cover - console entry point

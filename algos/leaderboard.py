@@ -1,0 +1,785 @@
+"""A leaderboard: every model on every benchmark env under one protocol, resumable.
+
+One protocol means the same prompt, turn limit, token budgets, grader, sandbox limits and sampling
+parameters for every model; it is written into the results so a number is never read without it.
+Sample ``s`` of a problem is sampled with seed ``seed + s``, as in ``algos.evaluation``.
+
+Resuming: every finished chunk of samples is appended (and fsynced) to ``records.jsonl``, one line
+per sample keyed by ``(model, benchmark, problem_id, sample)``. A rerun with the same ``out_dir``
+loads the file, drops duplicate keys and a line cut short by a crash, and evaluates only the keys
+that are missing, so a killed evaluation loses at most the chunk in flight and counts nothing
+twice. ``run.json`` pins the protocol, the model sources and a hash of each benchmark's problems: a
+rerun that would mix incompatible samples fails instead. ``limit`` and ``samples`` may grow between
+runs (the first N problems by index and samples 0..K-1 stay the same keys).
+
+Outputs in ``out_dir``: ``results.json``, ``leaderboard.md``, ``leaderboard.png`` and a
+self-contained ``index.html`` (table and plot, the PNG embedded as base64).
+
+    models = [ModelSpec.parse(DEFAULT_MODEL), ModelSpec.parse("gtpo=runs/gtpo/final")]
+    results = run_leaderboard(models, LeaderboardConfig(limit=50, samples=4, temperature=0.6), "lb")
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from algos.evaluation import heldout_problems, sample_record, summarize
+from algos.generation.base import Generator, SamplingParams
+from algos.rollout import RolloutConfig, collect, make_vec_env
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BENCHMARKS = ("gsm8k", "svamp", "math500", "aime24", "amc23")
+RECORDS_FILE = "records.jsonl"
+RUN_FILE = "run.json"
+SESSIONS_FILE = "sessions.jsonl"
+_METRICS = ("pass@1", "pass@k", "mean_turns", "tool_call_rate", "code_error_rate")
+_GLOSSARY = (
+    "Tool-call rate: share of samples with at least one python block. Code-error rate: share of "
+    "tool calls whose code did not run cleanly (error, timeout, memory, output limit). Samples "
+    "hit by a sandbox infra error are not scored."
+)
+_GENERIC_DIR_NAMES = re.compile(r"^(final|latest|best|model|checkpoint[-_\w]*)$")
+
+
+def benchmark_envs() -> dict[str, str]:
+    """Benchmark name -> its env id (every registered TIR env except the procedural one)."""
+    from tir_envs import ENV_IDS
+
+    return {name: env_id for env_id, name in ENV_IDS.items() if name != "procedural"}
+
+
+def resolve_benchmarks(names: str | Iterable[str]) -> tuple[str, ...]:
+    """Canonical benchmark names, in the given order, from a comma list or names (aliases ok)."""
+    from tir_envs.data import benchmark_spec
+
+    if isinstance(names, str):
+        names = names.split(",")
+    envs = benchmark_envs()
+    out: list[str] = []
+    for raw in (n.strip() for n in names):
+        if not raw:
+            continue
+        try:
+            name = benchmark_spec(raw).name
+        except KeyError:
+            name = None
+        if name not in envs:
+            raise ValueError(f"unknown benchmark {raw!r}; choose from {', '.join(envs)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError(f"no benchmark given; choose from {', '.join(envs)}")
+    return tuple(out)
+
+
+def parse_limit(text: str | None) -> int | dict[str, int] | None:
+    """``"50"`` (every benchmark) or ``"gsm8k=200,math500=100"`` (the rest in full); None = all."""
+    if text is None or not text.strip():
+        return None
+    if "=" not in text:
+        return _positive(text, "limit")
+    limits = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--limit expects N or name=N,name=N; got {text!r}")
+        limits[resolve_benchmarks(name)[0]] = _positive(value, f"limit of {name.strip()}")
+    return limits
+
+
+def _positive(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One leaderboard entry: a label and where its generations come from."""
+
+    label: str
+    source: str
+    """HF model directory, ``.gguf`` file or hub id; for an endpoint, the served model name."""
+    endpoint: str | None = None
+    """Base URL of an OpenAI-compatible server (``http://host:8000/v1``); None = local HF model."""
+    tokenizer: str | None = None
+    """Endpoint only: the model directory or hub id whose tokenizer renders prompts (the server
+    receives token ids). Defaults to ``source``."""
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """``path_or_hub_id`` or ``label=path_or_hub_id``."""
+        label, sep, source = text.partition("=")
+        if not sep:
+            label, source = "", text
+        label, source = label.strip(), source.strip()
+        if not source:
+            raise ValueError(f"model {text!r} names no path or hub id")
+        return cls(label or default_label(source), source)
+
+    @classmethod
+    def for_endpoint(cls, url: str, model: str, *, tokenizer: str | None = None,
+                     label: str | None = None) -> ModelSpec:
+        return cls(label or default_label(model), model, url, tokenizer)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.endpoint:
+            out.update(endpoint=self.endpoint, tokenizer=self.tokenizer or self.source)
+        return out
+
+
+def default_label(source: str) -> str:
+    """A short label: the hub repo name, or a directory's name (with its parent when the name
+    is generic, so ``runs/gtpo/final`` reads ``gtpo/final``)."""
+    path = Path(source.rstrip("/"))
+    if not path.exists():
+        return source.rstrip("/").rsplit("/", 1)[-1]
+    if _GENERIC_DIR_NAMES.match(path.name) and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
+@dataclass
+class LeaderboardConfig:
+    """What to evaluate and how. Fields marked protocol must match when a run resumes."""
+
+    benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
+    limit: int | dict[str, int] | None = None
+    """First N problems by index of each benchmark (a dict sets it per benchmark); None = all."""
+    samples: int = 1
+    """Samples per problem: pass@1 is their mean, pass@k uses k = samples."""
+    temperature: float = 0.0
+    """Protocol. 0 = greedy (then samples > 1 are identical and pass@k says nothing new)."""
+    top_p: float = 1.0
+    """Protocol."""
+    max_turns: int = 4
+    """Protocol: assistant turns per episode."""
+    max_new_tokens: int = 256
+    """Protocol: tokens per turn."""
+    max_total_tokens: int | None = None
+    """Protocol: tokens per episode (prompt, turns, tool output); None = max(2048, 2 x per turn)."""
+    seed: int = 0
+    """Protocol: sample ``s`` uses ``seed + s``."""
+    batch: int = 8
+    """Episodes rolled out together (speed only; with sampling it changes which draws are made)."""
+    data_dir: str | None = None
+    """Directory of benchmark files; None = ``$TIR_DATA_DIR`` (or the hub when online)."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Protocol: extra env arguments (e.g. ``exec_timeout_s``, ``system_prompt``)."""
+
+    def __post_init__(self) -> None:
+        self.benchmarks = resolve_benchmarks(self.benchmarks)
+        if isinstance(self.limit, dict):
+            self.limit = {resolve_benchmarks(k)[0]: v for k, v in self.limit.items()}
+        if self.samples < 1 or self.batch < 1:
+            raise ValueError("samples and batch must be >= 1")
+        self.rollout()  # validates the budgets
+
+    def rollout(self) -> RolloutConfig:
+        return RolloutConfig(
+            max_new_tokens=self.max_new_tokens, max_turns=self.max_turns,
+            max_total_tokens=self.max_total_tokens or max(2048, 2 * self.max_new_tokens),
+            temperature=self.temperature, top_p=self.top_p,
+        )
+
+    def limit_for(self, benchmark: str) -> int | None:
+        return self.limit.get(benchmark) if isinstance(self.limit, dict) else self.limit
+
+    def sampling(self, sample: int) -> SamplingParams:
+        r = self.rollout()
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                              top_p=r.top_p, stop=r.stop, seed=self.seed + sample)
+
+    def protocol(self) -> dict[str, Any]:
+        """Everything that decides a score, read from the env itself where it keeps it."""
+        import importlib.metadata
+
+        from tir_envs.env import TIRMathEnv
+        from tir_envs.sandbox.base import Limits
+
+        env = TIRMathEnv(**self.env_kwargs)
+        try:
+            r = self.rollout()
+            protocol = {
+                "system_prompt": env.system_prompt,
+                "user_template": env.user_template,
+                "chat_template": "each model's own tokenizer chat template",
+                "max_turns": r.max_turns,
+                "max_new_tokens": r.max_new_tokens,
+                "max_total_tokens": r.max_total_tokens,
+                "stop": list(r.stop),
+                "temperature": r.temperature,
+                "top_p": r.top_p,
+                "seed": self.seed,
+                "grader": "tir_envs.grading (math-verify "
+                          f"{importlib.metadata.version('math-verify')})",
+                "code_blocks": env.code_blocks,
+                "max_output_chars": env.max_output_chars,
+                "exec_timeout_s": env.exec_timeout_s or self.env_kwargs.get(
+                    "sandbox_kwargs", {}).get("timeout_s", Limits().timeout_s),
+                "sandbox": self.env_kwargs.get("sandbox_backend", "local"),
+                "reward": dataclasses.asdict(env.reward_fn)
+                if dataclasses.is_dataclass(env.reward_fn) else repr(env.reward_fn),
+                "env_kwargs": self.env_kwargs,
+            }
+        finally:
+            env.close()
+        return json.loads(json.dumps(protocol))  # as it reads back from run.json
+
+
+@dataclass
+class Benchmark:
+    """A benchmark as evaluated: its env, the problem ids in the subset, a hash of its problems."""
+
+    name: str
+    env_id: str
+    problem_ids: list[str]
+    total: int
+    sha256: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"env_id": self.env_id, "problems_evaluated": len(self.problem_ids),
+                "problems_total": self.total, "sha256": self.sha256}
+
+
+def load_benchmarks(config: LeaderboardConfig) -> list[Benchmark]:
+    """Read every benchmark up front, so a missing file fails before any model loads."""
+    from tir_envs.data import ProblemSet
+
+    if config.data_dir is not None and not Path(config.data_dir).is_dir():
+        raise FileNotFoundError(f"data dir {config.data_dir} does not exist or is not a directory")
+    envs = benchmark_envs()
+    out = []
+    for name in config.benchmarks:
+        problems = ProblemSet.from_benchmark(name, data_dir=config.data_dir)
+        digest = hashlib.sha256()
+        for p in problems:
+            digest.update(json.dumps([p.id, p.question, p.answer]).encode())
+        limit = config.limit_for(name)
+        ids = heldout_problems(problems, limit if limit is not None else len(problems))
+        out.append(Benchmark(name, envs[name], ids, len(problems), digest.hexdigest()))
+    return out
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+Key = tuple[str, str, str, int]
+
+
+def record_key(record: dict) -> Key:
+    return (record["model"], record["benchmark"], str(record["problem_id"]), int(record["sample"]))
+
+
+def load_records(path: str | os.PathLike) -> dict[Key, dict]:
+    """Records by key. A line cut short by a crash is skipped; of duplicate keys the first
+    scored record wins (a sample that hit a sandbox infra error is replaced by its retry)."""
+    path = Path(path)
+    records: dict[Key, dict] = {}
+    if not path.is_file():
+        return records
+    broken = duplicates = 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = record_key(record)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                broken += 1
+                continue
+            if key in records:
+                duplicates += 1
+                if not (records[key].get("infra_error") and not record.get("infra_error")):
+                    continue
+            records[key] = record
+    if broken or duplicates:
+        logger.warning("%s: skipped %d unreadable line(s) and %d duplicate key(s)",
+                       path, broken, duplicates)
+    return records
+
+
+class RecordLog:
+    """Append-only JSONL of sample records; each chunk is one write, flushed and fsynced."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.appended = 0
+        """Records written through this log (this session's count)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a+", encoding="utf-8")
+        self._file.seek(0, os.SEEK_END)
+        if self._file.tell():  # a crash mid-line must not glue the next record onto it
+            self._file.seek(self._file.tell() - 1)
+            last = self._file.read(1)
+            self._file.seek(0, os.SEEK_END)
+            if last != "\n":
+                self._file.write("\n")
+
+    def append(self, records: list[dict]) -> None:
+        self._file.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.appended += len(records)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _check_run_state(out_dir: Path, protocol: dict, models: list[ModelSpec],
+                     benchmarks: list[Benchmark]) -> None:
+    """Refuse to mix samples made under another protocol, model or problem set; then record
+    this run's (the union of all runs in ``out_dir``)."""
+    path = out_dir / RUN_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    old = state.get("protocol")
+    if old is not None and old != protocol:
+        diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+        raise ValueError(
+            f"{out_dir} holds samples made under another protocol (differs in {', '.join(diff)});"
+            " use another --out, or the same settings to resume"
+        )
+    known_models = state.get("models", {})
+    for spec in models:
+        if spec.label in known_models and known_models[spec.label] != spec.describe():
+            raise ValueError(
+                f"label {spec.label!r} in {out_dir} was {known_models[spec.label]}, now "
+                f"{spec.describe()}; give this model another label (label=path)"
+            )
+    known_benchmarks = state.get("benchmarks", {})
+    for b in benchmarks:
+        if b.name in known_benchmarks and known_benchmarks[b.name]["sha256"] != b.sha256:
+            raise ValueError(
+                f"{b.name} in {out_dir} was evaluated on a different problem file "
+                "(its problems' hash changed); use another --out"
+            )
+    state = {
+        "protocol": protocol,
+        "models": {**known_models, **{s.label: s.describe() for s in models}},
+        "benchmarks": {**known_benchmarks,
+                       **{b.name: {"env_id": b.env_id, "sha256": b.sha256} for b in benchmarks}},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+class SetupError(ValueError):
+    """The leaderboard cannot start: a user's mistake, reported before any evaluation."""
+
+
+Loader = Callable[[ModelSpec], tuple[Generator, Any]]
+"""Builds ``(generator, tokenizer)`` for a model; the tokenizer renders and tokenizes prompts."""
+
+
+def load_model(spec: ModelSpec) -> tuple[Generator, Any]:
+    """A local model through the ``hf`` backend, or an endpoint through the ``openai`` one."""
+    if spec.endpoint:
+        from transformers import AutoTokenizer
+
+        from algos.generation.openai import OpenAIGenerator
+        from algos.models import resolve_model_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(spec.tokenizer or spec.source))
+        return OpenAIGenerator(spec.endpoint, spec.source, tokenizer=tokenizer), tokenizer
+    from algos.generation.hf import HFGenerator
+    from algos.models import load_policy
+
+    model, tokenizer = load_policy(spec.source)
+    return HFGenerator(model, tokenizer), tokenizer
+
+
+def run_leaderboard(
+    models: list[ModelSpec], config: LeaderboardConfig, out_dir: str | os.PathLike, *,
+    load: Loader = load_model, title: str = "TIR leaderboard",
+) -> dict[str, Any]:
+    """Evaluate what ``out_dir`` does not hold yet, then write every output; returns the results.
+
+    Raises ``SetupError`` before any model loads when a benchmark, data file or model path is
+    missing or ``out_dir`` holds samples made under another protocol.
+    """
+    from algos.models import resolve_model_dir
+
+    out_dir = Path(out_dir)
+    labels = [m.label for m in models]
+    if not models or len(set(labels)) != len(labels):
+        raise ValueError(f"give at least one model and unique labels; got {labels}")
+    if config.samples > 1 and config.temperature == 0:
+        logger.warning("samples=%d at temperature 0: greedy samples are identical", config.samples)
+    try:
+        benchmarks = load_benchmarks(config)
+        protocol = config.protocol()
+        for spec in models:
+            if load is load_model and not spec.endpoint:  # fail now, not after other models ran
+                resolve_model_dir(spec.source)
+        _check_run_state(out_dir, protocol, models, benchmarks)
+    except (KeyError, OSError, ValueError) as exc:
+        raise SetupError(str(exc)) from exc
+    records = load_records(out_dir / RECORDS_FILE)
+    started, session_start = time.perf_counter(), _now()
+    log = RecordLog(out_dir / RECORDS_FILE)
+    try:
+        for spec in models:
+            plan = {b.name: _missing(records, spec, b, config.samples) for b in benchmarks}
+            if not any(plan.values()):
+                logger.info("%s: all samples already in %s", spec.label, out_dir / RECORDS_FILE)
+                continue
+            generator, tokenizer = load(spec)
+            try:
+                for bench in benchmarks:
+                    if plan[bench.name]:
+                        _evaluate(spec, bench, plan[bench.name], config, generator, tokenizer,
+                                  records, log)
+            finally:
+                generator.close()
+    finally:
+        log.close()
+        _append_session(out_dir, session_start, time.perf_counter() - started, log.appended)
+    results = build_results(records, models, benchmarks, config, protocol, title=title,
+                            sessions=_read_sessions(out_dir))
+    write_outputs(results, out_dir)
+    return results
+
+
+def _missing(records: dict[Key, dict], spec: ModelSpec, bench: Benchmark,
+             samples: int) -> set[Key]:
+    """Keys still to evaluate: absent, or hit by a sandbox infra error last time."""
+    keys = {(spec.label, bench.name, pid, s) for s in range(samples) for pid in bench.problem_ids}
+    return {k for k in keys if k not in records or records[k].get("infra_error")}
+
+
+def _evaluate(spec: ModelSpec, bench: Benchmark, todo: set[Key], config: LeaderboardConfig,
+              generator: Generator, tokenizer, records: dict[Key, dict], log: RecordLog) -> None:
+    """Roll out the missing samples chunk by chunk, appending each chunk as it finishes.
+
+    Chunks are fixed slices of the problem list, so a resumed run batches problems as an
+    uninterrupted one would (only the chunk that was in flight can differ).
+    """
+    rollout = config.rollout()
+    env_kwargs = dict(config.env_kwargs)
+    if config.data_dir is not None:
+        env_kwargs["data_dir"] = str(config.data_dir)
+    width = min(config.batch, len(bench.problem_ids))
+    vec_env, sandbox = make_vec_env(bench.env_id, width, tokenizer, rollout, env_kwargs)
+    done = 0
+    try:
+        for s in range(config.samples):
+            params = config.sampling(s)
+            for start in range(0, len(bench.problem_ids), width):
+                chunk = [pid for pid in bench.problem_ids[start : start + width]
+                         if (spec.label, bench.name, pid, s) in todo]
+                if not chunk:
+                    continue
+                trajectories = collect(vec_env, generator, tokenizer, chunk, 1, params,
+                                       max_total_tokens=rollout.max_total_tokens)
+                rows = [{"model": spec.label, "benchmark": bench.name, **sample_record(t, s)}
+                        for t in trajectories]
+                log.append(rows)
+                for row in rows:
+                    records[record_key(row)] = row
+                done += len(rows)
+                logger.info("%s %s sample %d/%d: %d/%d done, %d correct in this chunk",
+                            spec.label, bench.name, s + 1, config.samples, done, len(todo),
+                            sum(r["correct"] for r in rows))
+    finally:
+        vec_env.close()
+        sandbox.close()
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+def cell_metrics(records: list[dict], k: int) -> dict[str, Any]:
+    """``summarize`` plus what a leaderboard cell needs: pass@k under one name (k is lowered to
+    the fewest scored samples of a problem if infra errors left fewer than k), and the standard
+    error of pass@1 over problems (the spread a subset of problems brings)."""
+    by_problem: dict[str, list[bool]] = {}
+    for r in records:
+        if not r["infra_error"]:
+            by_problem.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    n_min = min((len(v) for v in by_problem.values()), default=0)
+    k_eff = min(k, n_min) if n_min else k
+    summary = summarize(records, k_eff)
+    summary["k"] = k_eff
+    summary["pass@k"] = summary.pop(f"pass@{k_eff}") if k_eff > 1 else summary["pass@1"]
+    per_problem = [np.mean(v) for v in by_problem.values()]
+    summary["pass@1_se"] = (float(np.std(per_problem, ddof=1) / np.sqrt(len(per_problem)))
+                            if len(per_problem) > 1 else 0.0)
+    return summary
+
+
+def build_results(
+    records: dict[Key, dict], models: list[ModelSpec], benchmarks: list[Benchmark],
+    config: LeaderboardConfig, protocol: dict, *, title: str = "TIR leaderboard",
+    sessions: list[dict] | None = None,
+) -> dict[str, Any]:
+    """Per model x benchmark metrics, and overall: micro (all samples pooled, so benchmarks
+    weigh by their subset size) and macro (the plain mean of the benchmark metrics)."""
+    results: dict[str, Any] = {}
+    complete = True
+    for spec in models:
+        cells, pooled = {}, []
+        for bench in benchmarks:
+            wanted = {(spec.label, bench.name, pid, s)
+                      for pid in bench.problem_ids for s in range(config.samples)}
+            rows = [records[key] for key in sorted(wanted & records.keys())]
+            cell = cell_metrics(rows, config.samples)
+            cell["expected_samples"] = len(wanted)
+            cell["complete"] = len(rows) == len(wanted) and not cell["infra_errors"]
+            complete &= cell["complete"]
+            cells[bench.name] = cell
+            pooled += [{**r, "problem_id": f"{bench.name}/{r['problem_id']}"} for r in rows]
+        micro = cell_metrics(pooled, config.samples)
+        macro = {m: float(np.mean([c[m] for c in cells.values()])) for m in _METRICS}
+        results[spec.label] = {"benchmarks": cells, "overall_micro": micro, "overall_macro": macro}
+    return {
+        "title": title,
+        "date": _now(),
+        "machine": machine_info(),
+        "protocol": protocol,
+        "samples_per_problem": config.samples,
+        "k": config.samples,
+        "benchmarks": {b.name: {**b.describe(), "limit": config.limit_for(b.name)}
+                       for b in benchmarks},
+        "models": {s.label: s.describe() for s in models},
+        "results": results,
+        "complete": complete,
+        "records_file": RECORDS_FILE,
+        "sessions": sessions or [],
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+        cwd=Path(__file__).resolve().parent,
+    ).stdout.strip()
+    return {
+        "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "commit": commit or None, "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _append_session(out_dir: Path, started: str, seconds: float, evaluated: int) -> None:
+    """One line per run, so the results say when and where their samples were made."""
+    entry = {"started": started, "seconds": round(seconds, 1), "samples_evaluated": evaluated,
+             "machine": machine_info()}
+    with (out_dir / SESSIONS_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _read_sessions(out_dir: Path) -> list[dict]:
+    path = out_dir / SESSIONS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``results.json``, ``leaderboard.md``, ``leaderboard.png`` and ``index.html``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_png(results)
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "leaderboard.md",
+        "png": out_dir / "leaderboard.png",
+        "html": out_dir / "index.html",
+    }
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["markdown"].write_text(to_markdown(results))
+    paths["png"].write_bytes(png)
+    paths["html"].write_text(to_html(results, png))
+    return paths
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _cell_text(cell: dict, k: int) -> str:
+    text = _pct(cell["pass@1"])
+    if cell.get("problems", 0) > 1 and "pass@1_se" in cell:
+        text += f" ± {_pct(cell['pass@1_se'])}"
+    if k > 1:
+        text += f" / {_pct(cell['pass@k'])}"
+    return text if cell.get("complete", True) else text + " (incomplete)"
+
+
+def _rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The main table: pass@1 (and pass@k) per benchmark, then macro and micro averages."""
+    benches = list(results["benchmarks"])
+    header = ["Model", *benches, "Macro avg", "Micro avg"]
+    rows = []
+    for label, r in results["results"].items():
+        cells = [*(r["benchmarks"][b] for b in benches), r["overall_macro"], r["overall_micro"]]
+        rows.append([label, *(_cell_text(c, results["k"]) for c in cells)])
+    return header, rows
+
+
+def _detail_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Behaviour per model x benchmark: how often the tool is used and how it goes."""
+    k = results["k"]
+    header = ["Model", "Benchmark", "Problems", "Samples", "pass@1 %", f"pass@{k} %",
+              "Mean turns", "Tool-call rate", "Code-error rate", "Infra errors"]
+    rows = []
+    for label, r in results["results"].items():
+        named = [*r["benchmarks"].items(), ("overall (micro)", r["overall_micro"])]
+        for bench, c in named:
+            rows.append([label, bench, str(c["problems"]), str(c["samples"]), _pct(c["pass@1"]),
+                         _pct(c["pass@k"]), f"{c['mean_turns']:.2f}", f"{c['tool_call_rate']:.2f}",
+                         f"{c['code_error_rate']:.2f}", str(c["infra_errors"])])
+    return header, rows
+
+
+def _protocol_lines(results: dict) -> list[str]:
+    p, k = results["protocol"], results["k"]
+    subsets = ", ".join(
+        f"{name} {b['problems_evaluated']}/{b['problems_total']}"
+        + (" (first by index)" if b["problems_evaluated"] < b["problems_total"] else "")
+        for name, b in results["benchmarks"].items()
+    )
+    m = results["machine"]
+    protocol = (
+        f"Protocol: up to {p['max_turns']} turns of {p['max_new_tokens']} new tokens "
+        f"({p['max_total_tokens']} per episode), temperature {p['temperature']}, "
+        f"top-p {p['top_p']}, seed {p['seed']} (+ sample index), {k} sample(s) per problem; "
+        f"grader {p['grader']}; {p['sandbox']} sandbox, {p['exec_timeout_s']} s per cell."
+    )
+    cells = "Cells: pass@1 % (mean over samples) ± its standard error over problems" + (
+        f" / unbiased pass@{k} %." if k > 1 else "."
+    )
+    generated = (
+        f"Generated {results['date']} on {m['cpu']} ({m['cpus']} CPUs), commit {m['commit']}"
+        + ("." if results["complete"] else "; INCOMPLETE: some cells lack samples, rerun.")
+    )
+    return [protocol, f"Problems: {subsets}.", cells, generated]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# {results['title']}", "", *(f"{line}  " for line in _protocol_lines(results)), ""]
+    lines += _md_table(*_rows(results))
+    lines += ["", "## Per benchmark", ""]
+    lines += _md_table(*_detail_rows(results))
+    lines += ["", _GLOSSARY, ""]
+    return "\n".join(lines)
+
+
+def plot_png(results: dict) -> bytes:
+    """Grouped bars: pass@1 per benchmark (and the macro average), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = [*results["benchmarks"], "macro avg"]
+    labels = list(results["results"])
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(benches) * max(1, len(labels)) ** 0.5), 4))
+    x = np.arange(len(benches))
+    for i, label in enumerate(labels):
+        r = results["results"][label]
+        cells = [*(r["benchmarks"][b] for b in results["benchmarks"]), r["overall_macro"]]
+        values = [100 * c["pass@1"] for c in cells]
+        errors = [100 * c.get("pass@1_se", 0.0) for c in cells]
+        bars = ax.bar(x + (i - (len(labels) - 1) / 2) * width, values, width, yerr=errors,
+                      capsize=2, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(x, benches)
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylim(0, max(5.0, ax.get_ylim()[1]))
+    ax.set_title(results["title"])
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def to_html(results: dict, png: bytes) -> str:
+    """One static page, no external resources: tables plus the plot inlined as base64."""
+    title = html.escape(results["title"])
+    notes = "".join(f"<p>{html.escape(line)}</p>" for line in _protocol_lines(results))
+    image = base64.b64encode(png).decode()
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+p {{ color: #444; font-size: 0.9em; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{title}</h1>
+{notes}
+{_html_table(*_rows(results))}
+<img alt="pass@1 per benchmark" src="data:image/png;base64,{image}">
+<h2>Per benchmark</h2>
+{_html_table(*_detail_rows(results))}
+<p>{html.escape(_GLOSSARY)}</p>
+</body></html>
+"""
