@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ class KernelCgroups:
         self.controllers: dict[str, _Controller] = {}
         self.problems: dict[str, str] = {}
         self._names = itertools.count()
+        self._busy: list[str] = []
+        """Kernel groups whose last processes were still exiting; removed on a later pass."""
+        self._busy_lock = threading.Lock()
         tag = f"{PREFIX}{os.getpid()}-{next(self._serial)}"
         if os.geteuid() != 0:
             self.problems = {name: "not running as root" for name in CONTROLLERS}
@@ -172,6 +176,8 @@ class KernelCgroups:
     def create(self) -> KernelGroup:
         """A fresh group (one per hierarchy: v2 controllers share one) with the limits set; the
         kernel joins it itself."""
+        with self._busy_lock:
+            self._busy = [path for path in self._busy if not _remove_tree(path, attempts=1)]
         name = f"k{next(self._names)}"
         group = KernelGroup(self, {})
         try:
@@ -221,6 +227,9 @@ def _sweep_stale(parent: str) -> None:
 class KernelGroup:
     owner: KernelCgroups
     dirs: dict[str, str]
+    kill_stragglers: bool = False
+    """Without a pid namespace the kernel's processes can leave its process group; the cgroup
+    still holds them, so release kills whatever it lists."""
 
     @property
     def procs_files(self) -> list[str]:
@@ -251,7 +260,10 @@ class KernelGroup:
             time.sleep(0.002)
 
     def remove(self) -> None:
+        """Remove the group now if it is empty, else on a later pass (no waiting here: the
+        kernel's supervisor may take a few milliseconds more to exit)."""
         for path in dict.fromkeys(self.dirs.values()):
-            if not _remove_tree(path):
-                log.debug("cgroup %s still busy; left for sandbox close", path)
+            if not _remove_tree(path, attempts=1):
+                with self.owner._busy_lock:
+                    self.owner._busy.append(path)
         self.dirs = {}

@@ -241,7 +241,8 @@ def _release_kernel(pidfd: int, fds: list[int], channel: _Channel, group: Kernel
     _close_fds([pidfd, *fds])
     channel.close()
     if group is not None:
-        group.kill_all()  # stragglers that escaped a missing pid namespace
+        if group.kill_stragglers:
+            group.kill_all()
         group.remove()
     if tmp_dir is not None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -641,6 +642,8 @@ class LocalSandbox(Sandbox):
         channel = _Channel(ours)
         try:
             group = self._kernel_cgroups().create() if self._cgroups.controllers else None
+            if group is not None:
+                group.kill_stragglers = not self._layers["pid_ns"]
             tmp_dir = None if self._layers["filesystem_view"] else self._host_tmp_dir()
         except OSError as exc:
             channel.close()
