@@ -671,6 +671,7 @@ class LocalSandbox(Sandbox):
             deadline = time.monotonic() + KERNEL_START_TIMEOUT_S
             frame = self._expect(channel, deadline, zygote)
             if frame[0] != wire.PIDFD or len(frame[1]) != 4 or len(frame[2]) != 3:
+                _close_fds(frame[2])
                 raise SandboxError(f"unexpected first frame from a new kernel: {frame[0]}")
             (pid,) = struct.unpack("<I", frame[1])
             pidfd, out_fd, err_fd = fds = frame[2]
