@@ -520,8 +520,9 @@ def _evaluate(spec: ModelSpec, bench: Benchmark, todo: set[Key], config: Leaderb
 
 def cell_metrics(records: list[dict], k: int) -> dict[str, Any]:
     """``summarize`` plus what a leaderboard cell needs: pass@k under one name (k is lowered to
-    the fewest scored samples of a problem if infra errors left fewer than k), and the standard
-    error of pass@1 over problems (the spread a subset of problems brings)."""
+    the fewest scored samples of a problem if infra errors left fewer than k), the standard
+    error of pass@1 over problems (the spread a subset of problems brings), and the mean
+    generated tokens per sample (what the cell cost, and whether answers ran into the budget)."""
     by_problem: dict[str, list[bool]] = {}
     for r in records:
         if not r["infra_error"]:
@@ -531,6 +532,9 @@ def cell_metrics(records: list[dict], k: int) -> dict[str, Any]:
     summary = summarize(records, k_eff)
     summary["k"] = k_eff
     summary["pass@k"] = summary.pop(f"pass@{k_eff}") if k_eff > 1 else summary["pass@1"]
+    scored = [r for r in records if not r["infra_error"]]
+    summary["mean_generated_tokens"] = (float(np.mean([r["generated_tokens"] for r in scored]))
+                                        if scored else 0.0)
     per_problem = [np.mean(v) for v in by_problem.values()]
     summary["pass@1_se"] = (float(np.std(per_problem, ddof=1) / np.sqrt(len(per_problem)))
                             if len(per_problem) > 1 else 0.0)
@@ -602,7 +606,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _append_session(out_dir: Path, started: str, seconds: float, evaluated: int) -> None:
@@ -668,14 +672,16 @@ def _rows(results: dict) -> tuple[list[str], list[list[str]]]:
 def _detail_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Behaviour per model x benchmark: how often the tool is used and how it goes."""
     k = results["k"]
-    header = ["Model", "Benchmark", "Problems", "Samples", "pass@1 %", f"pass@{k} %",
-              "Mean turns", "Tool-call rate", "Code-error rate", "Infra errors"]
+    header = ["Model", "Benchmark", "Problems", "Samples", "pass@1 %",
+              *([f"pass@{k} %"] if k > 1 else []), "Mean turns", "Tokens/sample",
+              "Tool-call rate", "Code-error rate", "Infra errors"]
     rows = []
     for label, r in results["results"].items():
         named = [*r["benchmarks"].items(), ("overall (micro)", r["overall_micro"])]
         for bench, c in named:
             rows.append([label, bench, str(c["problems"]), str(c["samples"]), _pct(c["pass@1"]),
-                         _pct(c["pass@k"]), f"{c['mean_turns']:.2f}", f"{c['tool_call_rate']:.2f}",
+                         *([_pct(c["pass@k"])] if k > 1 else []), f"{c['mean_turns']:.2f}",
+                         f"{c['mean_generated_tokens']:.0f}", f"{c['tool_call_rate']:.2f}",
                          f"{c['code_error_rate']:.2f}", str(c["infra_errors"])])
     return header, rows
 

@@ -11,10 +11,12 @@ import base64
 import html.parser
 import json
 import re
+import runpy
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from math import comb
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -51,7 +53,7 @@ def model(tokenizer):
 def record(pid, sample, correct, *, turns=1, tool_calls=0, code_errors=0, infra=False):
     return {"problem_id": pid, "sample": sample, "correct": correct, "turns": turns,
             "tool_calls": tool_calls, "code_errors": code_errors, "infra_error": infra,
-            "reward": float(correct)}
+            "reward": float(correct), "generated_tokens": 10 * turns}
 
 
 # ------------------------------------------------------------------------------ metrics math
@@ -66,7 +68,7 @@ def test_cell_metrics_on_known_records():
     assert m["pass@1"] == pytest.approx((0.25 + 1 + 0) / 3)
     p0_pass2 = 1 - comb(3, 2) / comb(4, 2)  # = 0.5: the unbiased estimator, not 1 - 0.75^2
     assert m["k"] == 2 and m["pass@k"] == pytest.approx((p0_pass2 + 1 + 0) / 3)
-    assert m["mean_turns"] == pytest.approx(2.0)
+    assert m["mean_turns"] == pytest.approx(2.0) and m["mean_generated_tokens"] == 20
     assert m["tool_call_rate"] == pytest.approx(8 / 12)
     assert m["code_error_rate"] == pytest.approx(2 / 12)  # 2 failed runs out of 12 tool calls
     per_problem = [0.25, 1.0, 0.0]
@@ -392,3 +394,14 @@ def test_a_data_dir_without_the_benchmark_says_what_is_missing(tmp_path, monkeyp
         run_leaderboard([ModelSpec("m", "m")],
                         LeaderboardConfig(benchmarks=("amc23",), data_dir=str(tmp_path)),
                         tmp_path / "lb", load=_no_model)
+
+
+def test_the_benchmark_script_runs_a_checkpoint_into_its_out_dir(benchmarks_dir, tmp_path):
+    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "leaderboard.py"))
+    model_dir = save_tiny(tmp_path / "tiny")
+    results = script["main"]([f"tiny={model_dir}", "--no-default-model", "--smoke",
+                              "--benchmarks", "svamp", "--limit", "1",
+                              "--data-dir", str(benchmarks_dir), "--out", str(tmp_path / "lb")])
+    assert "smoke" in results["title"] and list(results["models"]) == ["tiny"]
+    assert results["benchmarks"]["svamp"]["problems_evaluated"] == 1
+    assert (tmp_path / "lb" / "index.html").is_file()
