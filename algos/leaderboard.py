@@ -481,8 +481,9 @@ def _evaluate(spec: ModelSpec, bench: Benchmark, todo: set[Key], config: Leaderb
               generator: Generator, tokenizer, records: dict[Key, dict], log: RecordLog) -> None:
     """Roll out the missing samples chunk by chunk, appending each chunk as it finishes.
 
-    Chunks are fixed slices of the problem list, so a resumed run batches problems as an
-    uninterrupted one would (only the chunk that was in flight can differ).
+    Chunks are fixed slices of the problem list, and a chunk is written only once it is whole, so
+    a resumed run batches problems as an uninterrupted one would (and, seeded, makes the same
+    samples); only a chunk whose write was torn by the crash is re-batched from what is missing.
     """
     rollout = config.rollout()
     env_kwargs = dict(config.env_kwargs)

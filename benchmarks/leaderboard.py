@@ -40,8 +40,11 @@ logger = logging.getLogger("benchmarks.leaderboard")
 
 COMMITTED = {
     "benchmarks": DEFAULT_BENCHMARKS,
-    # Subsets sized for 2 CPU cores (~1 h per model): GSM8K 50/1319, SVAMP 50/1000, MATH-500
-    # 50/500; AIME24 (30) and AMC23 (40) in full. Raising a limit later resumes, keeping samples.
+    # Subsets sized for 2 CPU cores: GSM8K 50/1319, SVAMP 50/1000, MATH-500 50/500; AIME24 (30)
+    # and AMC23 (40) in full: 220 problems x 4 samples = 880 episodes per model. SmolLM2 ran at
+    # ~11 generated tokens/s (batch 8, 1 thread) on the shared, loaded machine, so expect hours
+    # per model there; an idle machine with --threads 2 is several times faster (not measured).
+    # Raising a limit or the samples later resumes: samples already made are kept.
     "limit": {"gsm8k": 50, "svamp": 50, "math500": 50},
     "samples": 4,
     "temperature": 0.6,
