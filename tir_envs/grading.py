@@ -76,39 +76,50 @@ class GraderUnavailable(RuntimeError):
 # String layer
 # ----------------------------------------------------------------------------------------------
 
-_BOXED_COMMANDS = ("\\boxed", "\\fbox")
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox``) in ``text``; ``None`` if absent.
+    r"""Content of the last complete ``\boxed{...}`` (or ``\fbox{}``, ``\boxed x``), else None.
 
-    Braces nest and ``\\{``/``\\}`` are skipped, so ``\\boxed{\\{1, \\frac{1}{2}\\}}`` works;
-    ``\\boxed 5`` (no braces) yields the next token.
+    Braces nest and ``\{``/``\}`` are skipped, so ``\boxed{\{1, \frac{1}{2}\}}`` works; an
+    unclosed last box falls back to the complete one before it. The env's turn parser and the
+    data loaders use this one reading of a box.
     """
-    start, command = max((text.rfind(c), c) for c in _BOXED_COMMANDS)
-    if start < 0:
+    answer = None
+    for match in _BOX.finditer(text):
+        content = _box_content(text, match.end())
+        if content is not None:
+            answer = content
+    return answer
+
+
+def _box_content(text: str, pos: int) -> str | None:
+    rest = text[pos:]
+    stripped = rest.lstrip()
+    if not stripped:
         return None
-    i = start + len(command)
-    while i < len(text) and text[i].isspace():
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":
-        token = re.match(r"[^\s$]+", text[i:])
+    if stripped[0] != "{":
+        # ``\boxed 5``: one token, up to whitespace or a closing ``$``.
+        if rest[:1] not in (" ", "\t"):
+            return None
+        token = re.match(r"[^\s$]+", stripped)
         return token.group(0) if token else None
-    depth, j = 0, i
-    while j < len(text):
-        char = text[j]
+    start = pos + (len(rest) - len(stripped)) + 1
+    depth = 1
+    i = start
+    while i < len(text):
+        char = text[i]
         if char == "\\":
-            j += 2
+            i += 2  # an escaped char (``\{``, ``\}``, ``\\``) or a command's first letter
             continue
         if char == "{":
             depth += 1
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j]
-        j += 1
+                return text[start:i].strip()
+        i += 1
     return None
 
 
