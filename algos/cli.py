@@ -118,7 +118,17 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _setup_logging(verbose: bool) -> None:
+THREADS_HELP = "torch CPU threads (default: torch's choice); 1 is much faster on a shared machine"
+
+
+def _setup(verbose: bool, threads: Optional[int] = None) -> None:
+    """Logging for the command, and torch's thread count: OpenMP threads that compete with other
+    processes for cores spin and stall (measured 5-8x slower generation at 2 threads on a busy
+    2-core machine)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -141,11 +151,12 @@ def train(
     eval_problems: Annotated[int, typer.Option(min=0, help="held-out problems before/after")] = 24,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
+    threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
     progress: bool = True,
     verbose: bool = False,
 ) -> None:
     """Train a model with an RL algorithm on a TIR env; report held-out accuracy before and after."""
-    _setup_logging(verbose)
+    _setup(verbose, threads)
     import algos
 
     defaults = MAIN_JOB if main_job_defaults else {}
@@ -209,9 +220,10 @@ def evaluate(
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="write the summary as JSON")] = None,
     seed: int = 0,
+    threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Evaluate a model on a TIR env under the common protocol."""
-    _setup_logging(False)
+    _setup(False, threads)
     from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
     from algos.generation.base import SamplingParams
     from algos.generation.hf import HFGenerator
@@ -270,10 +282,11 @@ def leaderboard(
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     out: Annotated[Path, typer.Option(help="results dir; rerun to resume")] = Path("leaderboard"),
     title: str = "TIR leaderboard",
+    threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
     verbose: bool = False,
 ) -> None:
     """Evaluate models x benchmarks under one protocol; resumable; JSON, Markdown, plot, HTML."""
-    _setup_logging(verbose)
+    _setup(verbose, threads)
     from algos.leaderboard import (
         LeaderboardConfig,
         ModelSpec,
