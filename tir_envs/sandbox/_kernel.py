@@ -323,8 +323,8 @@ def _supervisor_stage(sock_fd: int, control_fd: int, config: dict) -> None:
 
 def _isolate_and_fork(sock: socket.socket, config: dict) -> None:
     layers = config["layers"]
-    for procs_file in config["cgroup_procs"]:
-        _step("cgroup", _write, procs_file, str(os.getpid()))
+    for join_file in config["cgroup_join"]:  # "0": this thread; we are single-threaded
+        _step("cgroup", _write, join_file, "0")
     privileged = os.geteuid() == 0
     if layers["mount_ns"] and privileged:  # as real root: any host path can be bound in
         _isolate_filesystem(config)

@@ -652,7 +652,7 @@ class LocalSandbox(Sandbox):
         config = {
             "layers": self._layers, "limits": dataclasses.asdict(self.limits),
             "uid": self.sandbox_uid, "tmp_size_mb": self.tmp_size_mb, "tmp_dir": tmp_dir,
-            "cgroup_procs": group.procs_files if group else [],
+            "cgroup_join": group.join_files if group else [],
         }
         pidfd = None
         fds: list[int] = []
