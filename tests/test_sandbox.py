@@ -737,6 +737,7 @@ def test_cgroup_v2_groups_are_made_under_our_own(tmp_path, monkeypatch):
     assert (Path(group.dirs["pids"]) / "pids.max").read_text() == "16"
     assert group.dirs["pids"] == group.dirs["memory"]  # one v2 group holds both controllers
     assert group.procs_files == [str(kernel_dir / "cgroup.procs")]
+    assert group.join_files == [str(kernel_dir / "cgroup.procs")]  # v2 has no "tasks"
     assert not group.oom_killed()
     (kernel_dir / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     assert group.oom_killed()
