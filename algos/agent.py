@@ -107,20 +107,23 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """``logprobs[b, t] = log pi(token_t | tokens_<t)`` and the entropy there, ``[B, L]``.
 
-    Only positions in ``mask`` are computed (a [N, V] slice, not [B, L, V]): on a 50k vocabulary the
-    full log-softmax would dominate memory. Both are 0 off the mask.
+    ``logits`` may cover only the last K <= L positions (``logits_to_keep``), as long as every
+    masked token is predicted by one of them. Only positions in ``mask`` are computed (a [N, V]
+    slice, not [B, L, V]): on a 50k vocabulary the full log-softmax would dominate memory. Both
+    are 0 off the mask.
     """
-    target = mask[:, 1:]
+    offset = input_ids.shape[1] - logits.shape[1]
+    if bool(mask[:, : offset + 1].any()):
+        raise ValueError("logits must cover the position before every masked token")
+    target = mask[:, offset + 1 :]
     selected = logits[:, :-1][target].float()
     if temperature > 0:
         selected = selected / temperature
     logp_all = torch.log_softmax(selected, dim=-1)
-    picked = logp_all.gather(-1, input_ids[:, 1:][target].unsqueeze(-1)).squeeze(-1)
+    picked = logp_all.gather(-1, input_ids[:, offset + 1 :][target].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    pad = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
-    full_mask = torch.cat([pad, target], dim=1)
     zeros = torch.zeros(mask.shape, dtype=picked.dtype, device=logits.device)
-    return zeros.masked_scatter(full_mask, picked), zeros.masked_scatter(full_mask, entropy.detach())
+    return zeros.masked_scatter(mask, picked), zeros.masked_scatter(mask, entropy.detach())
 
 
 ALGORITHMS: dict[str, type[Agent]] = {}
@@ -212,9 +215,20 @@ class Agent:
         """The module the optimizer trains (PPO wraps the policy with a value head)."""
         return policy
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Logits ``[B, L, V]`` and, for agents with a critic, values ``[B, L]``."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (of the positions that predict a ``loss_mask`` token, at least) and, for agents
+        with a critic, values ``[B, L]``.
+
+        Prompts are long next to the turns, so the LM head runs only from the position before
+        the first generated token on (``logits_to_keep``): on SmolLM2 its 49k-wide projection
+        is a fifth of the model's compute.
+        """
+        first = int(loss_mask.float().argmax(1).min())
+        keep = input_ids.shape[1] - max(first - 1, 0)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          logits_to_keep=keep)
         return out.logits, None
 
     def extra_loss(self, values: Tensor | None, minibatch: dict[str, Tensor], denominator: float):
@@ -411,6 +425,12 @@ class Agent:
         if values is not None:
             data["old_values"] = values
             data["returns"] = advantages.returns.float()
+        # A row whose advantages are all 0 adds nothing to the policy gradient; unless a KL,
+        # entropy or value term reads it, it is left out of the forward pass (it still counts in
+        # the loss normaliser, so the gradient is unchanged). Groups whose samples all scored the
+        # same, common early in training, then cost nothing to update on.
+        skip_flat = values is None and cfg.kl_coef == 0 and cfg.entropy_coef == 0
+        has_signal = (data["advantages"] != 0).any(1)
         sums: dict[str, float] = defaultdict(float)
         steps = 0
         generator = torch.Generator().manual_seed(cfg.seed + self.iteration)
@@ -422,10 +442,12 @@ class Agent:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, cfg.minibatch_size):
                 rows = order[start : start + cfg.minibatch_size]
+                denominator = self._denominator(loss_mask[rows])
+                if skip_flat:
+                    rows = rows[has_signal[rows]]
                 if not bool(loss_mask[rows].any()):
                     bar.update(1)
                     continue
-                denominator = self._denominator(loss_mask[rows])
                 self.optimizer.zero_grad(set_to_none=True)
                 for m in range(0, len(rows), micro):
                     part = rows[m : m + micro]
@@ -455,15 +477,16 @@ class Agent:
 
     def _micro_step(self, mb: dict[str, Tensor], denominator: float) -> dict[str, float]:
         cfg = self.config
-        logits, values = self.forward(mb["input_ids"], mb["attention_mask"])
         mask = mb["loss_mask"]
+        logits, values = self.forward(mb["input_ids"], mb["attention_mask"], mask)
         logprobs, entropy = token_logprobs(logits, mb["input_ids"], mask, self.rollout.temperature)
         del logits
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logits = self.reference(
-                    input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False
+                    input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                    use_cache=False, logits_to_keep=logits.shape[1],
                 ).logits
                 ref_logprobs, _ = token_logprobs(
                     ref_logits, mb["input_ids"], mask, self.rollout.temperature

@@ -33,9 +33,10 @@ MAIN_JOB = {
     "minibatch_size": 8,
     "grad_accum_steps": 4,
     "lr": 2e-6,
-    "rollout.max_new_tokens": 160,
+    "rollout.max_new_tokens": 128,
     "rollout.max_turns": 3,
     "rollout.max_total_tokens": 1024,
+    "rollout.temperature": 0.8,
 }
 
 
@@ -148,7 +149,7 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", help="override: key=value")] = [],  # noqa: B006
     run_dir: Annotated[Optional[Path], typer.Option(help="default: runs/<algo>-<env>")] = None,
     resume: Annotated[bool, typer.Option(help="continue from run_dir's last checkpoint")] = False,
-    eval_problems: Annotated[int, typer.Option(min=0, help="held-out problems before/after")] = 24,
+    eval_problems: Annotated[int, typer.Option(min=0, help="held-out problems before/after")] = 16,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,

@@ -23,7 +23,9 @@ class PPO(Agent):
     def build_trainable(self, policy) -> PolicyWithValue:
         return PolicyWithValue(policy)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         logits, hidden_values = self.trainable(input_ids, attention_mask)
         # values[t] estimates the return before token t is sampled: the state that predicts it.
         values = torch.zeros_like(hidden_values)

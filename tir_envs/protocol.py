@@ -40,7 +40,11 @@ DEFAULT_SYSTEM_PROMPT = (
     "and end your turn there. The code runs and its printed output comes back to you in an "
     "```output block; variables and imports persist between blocks. Use code for calculations, "
     "enumeration and checks, and print what you need to see. When you know the answer, reply "
-    "without any code block and put the final answer in \\boxed{}."
+    "without any code block and put the final answer in \\boxed{}.\n\n"
+    # One worked exchange: small models follow a shown protocol far more often than a described one.
+    "Example.\nProblem: What is the remainder when 7^222 is divided by 1000?\n"
+    "I will compute it with Python.\n```python\nprint(pow(7, 222, 1000))\n```\n"
+    "```output\n49\n```\nThe remainder is \\boxed{49}."
 )
 DEFAULT_USER_TEMPLATE = "{question}"
 
