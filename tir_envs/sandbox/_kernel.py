@@ -452,14 +452,25 @@ def build_filesystem_view(config: dict) -> None:
     is covered by the pid namespace's own in K (the kernel only allows a new proc mount where a
     full one is already visible).
     """
-    mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    for path in SYSTEM_DIRS:
-        if os.path.islink(path):
-            os.symlink(os.readlink(path), NEW_ROOT + path)
-        elif os.path.isdir(path):
-            _bind_readonly(path, NEW_ROOT + path)
-    for path in config["interpreter_dirs"]:
-        _bind_readonly(path, NEW_ROOT + path)
+    # Hold every directory to bind before the new root's tmpfs goes over NEW_ROOT: a venv or a
+    # checkout under /tmp would be hidden by it, so binds go through these descriptors.
+    links = {path: os.readlink(path) for path in SYSTEM_DIRS if os.path.islink(path)}
+    binds = [path for path in SYSTEM_DIRS if path not in links and os.path.isdir(path)]
+    binds += config["interpreter_dirs"]
+    held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in binds}
+    try:
+        mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+        # The private /tmp goes first, so an interpreter that lives under /tmp is bound inside it.
+        os.mkdir(NEW_ROOT + "/tmp")
+        mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+              f"size={config['tmp_size_mb']}m,mode=1777")
+        for path, target in links.items():
+            os.symlink(target, NEW_ROOT + path)
+        for path, fd in held.items():
+            _bind_readonly(f"/proc/self/fd/{fd}", NEW_ROOT + path)
+    finally:
+        for fd in held.values():
+            os.close(fd)
     dev = NEW_ROOT + "/dev"
     os.mkdir(dev)
     mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
@@ -470,9 +481,6 @@ def build_filesystem_view(config: dict) -> None:
         os.symlink(target, f"{dev}/{name}")
     os.mkdir(NEW_ROOT + "/proc")
     mount("/proc", NEW_ROOT + "/proc", None, MS_BIND | MS_REC)
-    os.mkdir(NEW_ROOT + "/tmp")
-    mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={config['tmp_size_mb']}m,mode=1777")
     os.chdir(NEW_ROOT)
     pivot_root(".", ".")  # the old root now sits on top of the new one ...
     umount_detach(".")  # ... and is detached for good
