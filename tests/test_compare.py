@@ -1,0 +1,94 @@
+"""``benchmarks/compare.py`` end to end at its smallest scale: warm-up, runs, report, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import compare
+from benchmarks.warmup import KINDS, WRONG, heldout_ids, wrong_solver
+from tir_envs.procedural import generate
+
+
+def test_wrong_variants_change_every_solver():
+    import random
+
+    rng = random.Random(0)
+    for kind in KINDS:
+        for seed in range(20):
+            solver = generate(kind, seed).meta["solver"]
+            assert wrong_solver(kind, solver, rng) != solver
+    assert set(WRONG) == set(KINDS)
+
+
+def test_heldout_is_disjoint_from_training():
+    import numpy as np
+
+    from benchmarks.warmup import HELDOUT_SEEDS, TrainProblems
+
+    source, rng = TrainProblems(), np.random.default_rng(0)
+    drawn = {source.sample(rng).id for _ in range(500)}
+    assert all(int(pid.rsplit("/", 1)[1]) >= HELDOUT_SEEDS for pid in drawn)
+    assert not drawn & set(heldout_ids(50))
+
+
+def test_t_interval_and_verdict():
+    mean, low, high = compare.t_interval([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) == pytest.approx((low + high) / 2)
+    assert high - mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert "beats GRPO" in compare.verdict({"seeds": [0, 1, 2], "mean": 0.05,
+                                            "ci95": [0.01, 0.09]})
+    assert "does not measurably" in compare.verdict({"seeds": [0, 1, 2], "mean": 0.01,
+                                                     "ci95": [-0.02, 0.04]})
+    assert compare.t_interval([0.4]) == (0.4, None, None)
+    assert "single seed" in compare.verdict({"seeds": [0], "mean": 0.1, "ci95": [None, None]})
+    assert "worse" in compare.verdict({"seeds": [0, 1, 2], "mean": -0.05,
+                                       "ci95": [-0.09, -0.01]})
+
+
+def test_smoke_run_writes_report_and_resumes(tmp_path):
+    argv = ["--smoke", "--out", str(tmp_path), "--methods", "gtpo", "grpo", "--jobs", "1"]
+    results = compare.main(argv)
+
+    for name in ("results.json", "compare.md", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    budget = compare.SMOKE[0]
+    assert set(saved["runs"]) == {"gtpo", "grpo"}
+    for method in ("gtpo", "grpo"):
+        assert set(saved["runs"][method]) == {str(s) for s in range(budget.seeds)}
+        run = saved["runs"][method]["0"]
+        assert [p["iteration"] for p in run["curve"]] == budget.eval_points()
+        assert len(run["train"]) == budget.iterations
+        assert 0.0 <= run["final"] <= 1.0
+    # Seed k of every method starts from the same measured point.
+    assert (saved["runs"]["gtpo"]["1"]["curve"][0] == saved["runs"]["grpo"]["1"]["curve"][0])
+    assert saved["paired"]["gtpo - grpo"]["seeds"] == list(range(budget.seeds))
+    assert "GRPO" in saved["verdict"] and "+3.0" in saved["verdict"]
+    assert len(saved["machine"]["load_average_start"]) == 3
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "| gtpo |" in markdown and "95% CI" in markdown and saved["verdict"] in markdown
+
+    # Rerun: every finished run and the warm-up are read back, nothing is redone.
+    runs = sorted((tmp_path / "runs").rglob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    warmup = (tmp_path / "warmup" / "warmup.json").stat().st_mtime_ns
+    again = compare.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    assert (tmp_path / "warmup" / "warmup.json").stat().st_mtime_ns == warmup
+    assert again["runs"] == results["runs"]
+
+    # More seeds later reuse these runs; another budget or warm-up in the same dir is refused.
+    assert compare.read_finished(runs[0], compare.dataclasses.replace(budget, seeds=5)) is not None
+    other = compare.dataclasses.replace(budget, lr=budget.lr / 2)
+    with pytest.raises(ValueError, match="another budget"):
+        compare.read_finished(runs[0], other)
+    with pytest.raises(ValueError, match="another warm-up config"):
+        compare.main(["--out", str(tmp_path), "--methods", "gtpo", "--jobs", "1"])
