@@ -174,19 +174,17 @@ class Agent:
                 f"{type(self.config).__name__}"
             )
         self.rollout = rollout or RolloutConfig()
+        if self.rollout.temperature == 0:
+            raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.env_kwargs = dict(env_kwargs or {})
-        self.env_id = env if isinstance(env, str) else getattr(env.spec, "id", "custom")
         self.device = torch.device(device)
         self._check_env(env)
 
         if isinstance(model, (str, os.PathLike)):
-            self.model_name = os.fspath(model)
             model, loaded_tokenizer = load_policy(model, dtype=self.config.dtype, device=device)
             tokenizer = tokenizer or loaded_tokenizer
-        else:
-            self.model_name = getattr(model, "name_or_path", type(model).__name__)
-            if tokenizer is None:
-                raise ValueError("pass the tokenizer together with a loaded model")
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with a loaded model")
         self.policy = model
         self.tokenizer = tokenizer
         self.policy.train()
@@ -198,10 +196,9 @@ class Agent:
             weight_decay=0.0,
         )
         self.generator = generator or HFGenerator(self.policy, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
         self.estimator = get_advantage(self.config.advantage)
-        if self.rollout.temperature == 0:
-            raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.iteration = 0
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._env = env
@@ -475,26 +472,30 @@ class Agent:
             return float((mask.sum(1) > 0).sum().clamp(min=1))
         return float(mask.shape[0])
 
+    def loss_constant(self) -> float | None:
+        """Dr.GRPO's fixed normaliser: the config's, else the episode's generation budget."""
+        if self.config.loss_aggregation != "constant":
+            return None
+        return self.config.loss_constant or self.rollout.max_new_tokens * self.rollout.max_turns
+
     def _micro_step(self, mb: dict[str, Tensor], denominator: float) -> dict[str, float]:
         cfg = self.config
         mask = mb["loss_mask"]
         logits, values = self.forward(mb["input_ids"], mb["attention_mask"], mask)
         logprobs, entropy = token_logprobs(logits, mb["input_ids"], mask, self.rollout.temperature)
-        del logits
+        kept = logits.shape[1]
+        del logits  # the [B, K, V] tensor is the largest one alive: free it before the next
         ref_logprobs = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logits = self.reference(
                     input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                    use_cache=False, logits_to_keep=logits.shape[1],
+                    use_cache=False, logits_to_keep=kept,
                 ).logits
                 ref_logprobs, _ = token_logprobs(
                     ref_logits, mb["input_ids"], mask, self.rollout.temperature
                 )
-        constant = cfg.loss_constant or (
-            self.rollout.max_new_tokens * self.rollout.max_turns
-            if cfg.loss_aggregation == "constant" else None
-        )
+        constant = self.loss_constant()
         out = policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], mask,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation,

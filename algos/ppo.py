@@ -47,7 +47,7 @@ class PPO(Agent):
         out = value_loss(
             values, minibatch["old_values"], minibatch["returns"], minibatch["loss_mask"],
             clip=self.config.value_clip, aggregation=self.config.loss_aggregation,
-            denominator=denominator,
+            constant=self.loss_constant(), denominator=denominator,
         )
         return self.config.vf_coef * out.loss, {f"loss/{k}": float(v) for k, v in out.metrics.items()}
 

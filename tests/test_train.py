@@ -11,7 +11,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import gymnasium
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ from algos.config import GRPOConfig, GTPOConfig, PPOConfig
 from algos.losses import policy_loss
 from algos.rollout import RolloutConfig, collect, make_vec_env
 from algos.generation.hf import HFGenerator
-from tests.tiny import save_tiny, teach, tiny_model, tiny_tokenizer
+from tests.tiny import teach, tiny_model, tiny_tokenizer
 
 SMALL = dict(prompts_per_iteration=2, group_size=2, minibatch_size=2, grad_accum_steps=2, lr=1e-3)
 ROLLOUT = RolloutConfig(max_new_tokens=24, max_turns=2, max_total_tokens=768)
@@ -47,10 +46,14 @@ def make_agent(algo, tokenizer, run_dir=None, env="TIR-Math-v0", seed=0, env_kwa
                       run_dir=run_dir, env_kwargs=env_kwargs)
 
 
-@pytest.mark.parametrize("algo", ["gtpo", "grpo", "ppo"])
-def test_one_iteration_end_to_end(algo, tokenizer, tmp_path):
+@pytest.mark.parametrize("algo, extra", [
+    ("gtpo", {}), ("grpo", {}), ("ppo", {}),
+    ("grpo", {"kl_coef": 0.04, "entropy_coef": 0.01, "loss_aggregation": "seq_mean"}),
+])
+def test_one_iteration_end_to_end(algo, extra, tokenizer, tmp_path):
     with make_agent(algo, tokenizer, run_dir=tmp_path,
-                    env_kwargs={"reward_fn": length_reward}) as agent:
+                    env_kwargs={"reward_fn": length_reward}, **extra) as agent:
+        assert (agent.reference is not None) == bool(extra.get("kl_coef"))
         before = {k: v.clone() for k, v in agent.trainable.state_dict().items()}
         agent.learn(1, progress=False)
         after = agent.trainable.state_dict()
@@ -62,6 +65,8 @@ def test_one_iteration_end_to_end(algo, tokenizer, tmp_path):
         assert key in row, key
     if algo == "ppo":
         assert "loss/vf_loss" in row
+    if extra.get("kl_coef"):
+        assert "loss/kl" in row
     checkpoint = tmp_path / "checkpoints" / "iter_000001"
     assert (checkpoint / "trainer.pt").is_file()
     from transformers import AutoModelForCausalLM
