@@ -72,7 +72,7 @@ METHODS: dict[str, tuple[str, dict]] = {
 class Budget:
     """What every (method, seed) run gets: the same samples, updates and evaluation."""
 
-    iterations: int = 40
+    iterations: int = 80
     prompts: int = 8
     group_size: int = 4
     """Samples per prompt (GRPO/GTPO groups). PPO draws prompts x group_size distinct prompts."""
@@ -112,6 +112,11 @@ class Budget:
                        self.iterations})
 
 
+# Sized from probes on the shared 2-core machine (2026-11-25, 1 thread per run): the 12-epoch
+# warm-up took 7.6 min wall (load ~2) and starts at ~30% held-out pass@1; a GRPO run of start-up +
+# 10 iterations + 2 evaluations used 24 CPU-s and went 28% -> 46%; PPO (2 epochs + critic) used
+# ~2.5x GRPO's CPU. That puts 18 runs x 80 iterations at ~30-40 min on 2 quiet cores with
+# --jobs 2, plus the warm-up: an estimate from those probes, not a timed full run.
 DEFAULT = (Budget(), WarmupConfig())
 SMOKE = (
     Budget(iterations=2, prompts=2, group_size=2, minibatch_size=4, eval_every=1,

@@ -100,7 +100,7 @@ class WarmupConfig:
     """What the shared checkpoint is made from; its hash-free identity is this dict, saved beside it."""
 
     traces: int = 2048
-    epochs: int = 6
+    epochs: int = 12
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0
