@@ -102,6 +102,12 @@ def rollout_batch(trajectories: list[Trajectory], spans: list, seq_len: int) -> 
     )
 
 
+def logits_needed(loss_mask: Tensor) -> int:
+    """How many trailing positions need logits: from the one before the first masked token."""
+    first = int(loss_mask.float().argmax(1).min())
+    return loss_mask.shape[1] - max(first - 1, 0)
+
+
 def token_logprobs(
     logits: Tensor, input_ids: Tensor, mask: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor]:
@@ -222,10 +228,8 @@ class Agent:
         the first generated token on (``logits_to_keep``): on SmolLM2 its 49k-wide projection
         is a fifth of the model's compute.
         """
-        first = int(loss_mask.float().argmax(1).min())
-        keep = input_ids.shape[1] - max(first - 1, 0)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          logits_to_keep=keep)
+                          logits_to_keep=logits_needed(loss_mask))
         return out.logits, None
 
     def extra_loss(self, values: Tensor | None, minibatch: dict[str, Tensor], denominator: float):
@@ -375,16 +379,18 @@ class Agent:
         self.iteration = it + 1
 
         generated = sum(t.num_generated for t in trajectories)
-        loss_tokens = int(batch.loss_mask.sum())
+        updated_tokens = update.pop("tokens/updated", 0.0)
         metrics = {
             "iteration": self.iteration,
             **trajectory_metrics(trajectories),
             **update,
             **timings,
             "tokens/generated": generated,
+            "tokens/updated": updated_tokens,
             "tokens/rollout_per_s": generated / max(timings["time/rollout_s"], 1e-9),
-            "tokens/update_per_s": loss_tokens * self.config.update_epochs
-            / max(timings["time/update_s"], 1e-9),
+            "tokens/update_per_s": (
+                updated_tokens / timings["time/update_s"] if updated_tokens else 0.0
+            ),
         }
         return metrics
 
@@ -429,7 +435,7 @@ class Agent:
         skip_flat = values is None and cfg.kl_coef == 0 and cfg.entropy_coef == 0
         has_signal = (data["advantages"] != 0).any(1)
         sums: dict[str, float] = defaultdict(float)
-        steps = 0
+        steps, updated_tokens = 0, 0.0
         generator = torch.Generator().manual_seed(cfg.seed + self.iteration)
         micro = cfg.minibatch_size // cfg.grad_accum_steps
         total_steps = cfg.update_epochs * -(-n // cfg.minibatch_size)
@@ -446,6 +452,7 @@ class Agent:
                     bar.update(1)
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
+                updated_tokens += float(loss_mask[rows].sum())
                 for m in range(0, len(rows), micro):
                     part = rows[m : m + micro]
                     width = int(tokens.attention_mask[part].sum(1).max())
@@ -461,7 +468,8 @@ class Agent:
                 bar.update(1)
         bar.close()
         self.trainable.eval()
-        return {key: value / max(steps, 1) for key, value in sums.items()}
+        means = {key: value / max(steps, 1) for key, value in sums.items()}
+        return {**means, "tokens/updated": updated_tokens}
 
     def _denominator(self, mask: Tensor) -> float:
         """The minibatch-wide divisor, so micro-batch losses add up to the minibatch's loss."""

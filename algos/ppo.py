@@ -9,11 +9,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from algos.agent import Agent, TokenBatch, register_algorithm
+from algos.agent import Agent, TokenBatch, logits_needed, register_algorithm
 from algos.batch import RolloutBatch
 from algos.config import PPOConfig
 from algos.losses import value_loss
 from algos.models import PolicyWithValue
+
+
+def values_before_tokens(hidden_values: Tensor) -> Tensor:
+    """``values[t]`` estimates the return before token t is sampled, so it is read off the state
+    that predicts token t (position t - 1); position 0 predicts nothing and gets 0."""
+    return torch.nn.functional.pad(hidden_values[:, :-1], (1, 0))
 
 
 @register_algorithm("ppo")
@@ -26,11 +32,10 @@ class PPO(Agent):
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        logits, hidden_values = self.trainable(input_ids, attention_mask)
-        # values[t] estimates the return before token t is sampled: the state that predicts it.
-        values = torch.zeros_like(hidden_values)
-        values[:, 1:] = hidden_values[:, :-1]
-        return logits, values
+        """Values at every position; logits only where ``loss_mask`` needs them (all when None)."""
+        keep = logits_needed(loss_mask) if loss_mask is not None else 0
+        logits, hidden_values = self.trainable(input_ids, attention_mask, logits_to_keep=keep)
+        return logits, values_before_tokens(hidden_values)
 
     @torch.no_grad()
     def rollout_values(self, tokens: TokenBatch, batch: RolloutBatch) -> Tensor:
@@ -38,9 +43,10 @@ class PPO(Agent):
         values = torch.zeros(tokens.input_ids.shape)
         for start in range(0, values.shape[0], micro):
             rows = slice(start, start + micro)
-            _, v = self.forward(tokens.input_ids[rows].to(self.device),
-                                tokens.attention_mask[rows].to(self.device))
-            values[rows] = v.float().cpu()
+            ids = tokens.input_ids[rows].to(self.device)
+            _, v = self.trainable(ids, tokens.attention_mask[rows].to(self.device),
+                                  logits_to_keep=1)  # values only: skip the LM head
+            values[rows] = values_before_tokens(v).float().cpu()
         return values * batch.loss_mask
 
     def extra_loss(self, values, minibatch, denominator):
