@@ -184,7 +184,7 @@ def collect(
     max_total_tokens: int = 2048,
     progress: bool = False,
 ) -> list[Trajectory]:
-    """Roll out ``group_size`` episodes of each problem; returns ``len(problem_ids) * group_size`` records.
+    """Roll out ``group_size`` episodes of each problem: ``len(problem_ids) * group_size`` records.
 
     Envs ``[k * group_size, (k + 1) * group_size)`` form group ``k`` on ``problem_ids[k]``. A vector
     env with more envs than that leaves the rest idle: they are reset (vector envs step in
