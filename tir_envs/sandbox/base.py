@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -94,10 +96,29 @@ class Session(abc.ABC):
 
 
 class Sandbox(abc.ABC):
-    """Factory of sessions. Use as a context manager or call ``close``."""
+    """Factory of sessions. Use as a context manager or call ``close``.
+
+    Backends keep their constructor arguments in ``_options``, call ``_track()`` once started and
+    ``_untrack()`` on close. Then a sandbox pickles as its configuration (a spawned worker, e.g. of
+    ``AsyncVectorEnv``, builds its own zygote or pool) and, in a forked child, its
+    ``_after_fork_in_child`` drops what belongs to the parent.
+    """
 
     limits: Limits
     isolation: Isolation
+    _options: dict
+
+    def _track(self) -> None:
+        _live_sandboxes.add(self)
+
+    def _untrack(self) -> None:
+        _live_sandboxes.discard(self)
+
+    def _after_fork_in_child(self) -> None:
+        """Forget processes, threads and locks inherited from the parent (they are not ours)."""
+
+    def __reduce__(self):
+        return (_restore_sandbox, (type(self), self._options))
 
     @abc.abstractmethod
     def session(self) -> Session: ...
@@ -115,3 +136,18 @@ class Sandbox(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _restore_sandbox(cls: type[Sandbox], options: dict) -> Sandbox:
+    return cls(**options)
+
+
+_live_sandboxes: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for sandbox in list(_live_sandboxes):
+        sandbox._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -317,7 +317,7 @@ class DockerSandbox(Sandbox):
         self._refiller: threading.Thread | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _remove_all, self._live)
-        _live_sandboxes.add(self)
+        self._track()
         remove_leftovers(self._client)
         try:
             self.isolation = self._probe()
@@ -350,11 +350,8 @@ class DockerSandbox(Sandbox):
         if refiller is not None and refiller is not threading.current_thread():
             refiller.join(timeout=START_TIMEOUT_S)  # it removes what it was starting
         _remove_all(self._live)
-        _live_sandboxes.discard(self)
+        self._untrack()
 
-    def __reduce__(self):
-        """Pickles as its configuration: a worker process (AsyncVectorEnv) gets its own pool."""
-        return (_restore_sandbox, (self._options,))
 
     # --- pool ------------------------------------------------------------------------------------
 
@@ -527,19 +524,6 @@ def _remove_all(live: set[_Container]) -> None:
         thread.join(timeout=30)
 
 
-def _restore_sandbox(options: dict) -> DockerSandbox:
-    return DockerSandbox(**options)
-
-
-_live_sandboxes: weakref.WeakSet[DockerSandbox] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for sandbox in list(_live_sandboxes):
-        sandbox._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 RESTART_NOTE = "The kernel restarts on the next run: variables from earlier runs are gone."
 

@@ -471,7 +471,7 @@ class LocalSandbox(Sandbox):
         self._refiller: threading.Thread | None = None
         self.isolation_problems: dict[str, str] = {}
         """Why each missing isolation layer is missing."""
-        _live_sandboxes.add(self)
+        self._track()
         try:
             self.isolation = self._probe()
         except BaseException:
@@ -523,11 +523,8 @@ class LocalSandbox(Sandbox):
                 self._zygote.close()
                 self._zygote = None
         self._cgroups.close()
-        _live_sandboxes.discard(self)
+        self._untrack()
 
-    def __reduce__(self):
-        """Pickles as its configuration: a spawned worker process gets its own zygote."""
-        return (_restore_sandbox, (self._options,))
 
     # ---- kernels ----------------------------------------------------------------------------
 
@@ -770,16 +767,3 @@ class _ZygoteLost(Exception):
     pass
 
 
-def _restore_sandbox(options: dict) -> LocalSandbox:
-    return LocalSandbox(**options)
-
-
-_live_sandboxes: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for sandbox in list(_live_sandboxes):
-        sandbox._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
