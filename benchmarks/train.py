@@ -125,7 +125,7 @@ class _TreeMemory:
         self._sample()
 
 
-def _plain_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int):
+def plain_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int):
     """``model.generate`` as a user calls it: left-padded batch, sampling, eos only. Returns
     ``(seconds, ids)``, each row's ids up to and including its eos."""
     import torch
@@ -397,7 +397,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             # Baselines on the same first-turn prompts, right after the iteration (same load).
             prompts = generator.first_prompts
             seed = 1000 + it
-            seconds, plain_ids = _plain_generate(
+            seconds, plain_ids = plain_generate(
                 model, tokenizer, prompts, rollout.max_new_tokens, seed=seed
             )
             record["plain_generate"] = _gen_record(seconds, plain_ids)
@@ -524,7 +524,7 @@ def summarize(result: dict) -> dict:
     return s
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -536,7 +536,7 @@ def _machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
@@ -548,7 +548,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -607,7 +607,7 @@ def run_config(model: str, algo: str, args: argparse.Namespace) -> dict:
             "OMP_NUM_THREADS": str(args.threads),
         }
         load = os.getloadavg()[0]
-        commit = _commit()  # other work lands on this repository while the benchmark runs
+        commit = git_commit()  # other work lands on this repository while the benchmark runs
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -944,9 +944,9 @@ def main() -> None:
         args.max_new_tokens = 32
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "versions": _versions(),
-        "commit": _commit(),
+        "machine": machine_info(),
+        "versions": package_versions(),
+        "commit": git_commit(),
         "quick": args.quick,
         "shape": SHAPE,
         "max_new_tokens": args.max_new_tokens,
