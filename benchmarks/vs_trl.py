@@ -300,7 +300,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         (
             f"Shape: single-turn TIR-Math-v0, {PROMPTS} prompts x {GROUP} samples, "
-            f"{MAX_NEW_TOKENS} new tokens, temperature 1, one optimizer step over all 16 completions in one micro-batch, "
+            f"{MAX_NEW_TOKENS} new tokens, temperature 1, one optimizer step over all "
+            f"{PROMPTS * GROUP} completions in one micro-batch, "
             "token-mean loss, no KL, fp32, no activation checkpointing. Same weights and the same "
             f"prompts per step in both. {report['rounds']} interleaved rounds of {report['steps']} "
             "steps each, first step of each block dropped; medians per step."
