@@ -40,16 +40,16 @@ logger = logging.getLogger("benchmarks.leaderboard")
 
 COMMITTED = {
     "benchmarks": DEFAULT_BENCHMARKS,
-    # Subsets sized for 2 CPU cores: GSM8K 50/1319, SVAMP 50/1000, MATH-500 50/500; AIME24 (30)
-    # and AMC23 (40) in full: 220 problems x 4 samples = 880 episodes per model. SmolLM2 ran at
-    # ~11 generated tokens/s (batch 8, 1 thread) on the shared, loaded machine, so expect hours
-    # per model there; an idle machine with --threads 2 is several times faster (not measured).
-    # Raising a limit or the samples later resumes: samples already made are kept.
-    "limit": {"gsm8k": 50, "svamp": 50, "math500": 50},
-    "samples": 4,
+    # Stated subsets sized for one session on 2 shared CPU cores (4 models x 128 episodes): the
+    # first 16 problems of GSM8K (of 1,319), SVAMP (of 1,000) and MATH-500, the first 8 of AIME24
+    # (of 30) and AMC23 (of 40), 2 samples each. The budgets match the main job's scale (3 turns);
+    # 192 tokens a turn leaves room for a short solution and its code. Raising a limit or the
+    # samples later resumes: samples already made are kept.
+    "limit": {"gsm8k": 16, "svamp": 16, "math500": 16, "aime24": 8, "amc23": 8},
+    "samples": 2,
     "temperature": 0.6,
-    "max_turns": 4,
-    "max_new_tokens": 256,
+    "max_turns": 3,
+    "max_new_tokens": 192,
     "max_total_tokens": 2048,
     "seed": 0,
 }
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--benchmarks", help="override: comma list")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--batch", type=int, default=8, help="episodes rolled out together")
+    parser.add_argument("--batch", type=int, default=16, help="episodes rolled out together")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 on a shared machine: more thrash under load)")
     args = parser.parse_args(argv)

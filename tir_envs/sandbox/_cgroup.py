@@ -20,6 +20,8 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from tir_envs.sandbox.base import pid_alive
+
 log = logging.getLogger(__name__)
 
 CONTROLLERS = ("pids", "memory")
@@ -105,16 +107,6 @@ def _remove_tree(path: str, attempts: int = 20) -> bool:
                 return False
             time.sleep(0.005)
     return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class KernelCgroups:
@@ -219,7 +211,7 @@ def _sweep_stale(parent: str) -> None:
     """Remove empty groups left by sandboxes whose process died without closing."""
     for entry in os.scandir(parent):
         match = re.fullmatch(rf"{PREFIX}(\d+)-\d+", entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _remove_tree(entry.path, attempts=1)
 
 

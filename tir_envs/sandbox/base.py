@@ -14,6 +14,18 @@ import weakref
 from dataclasses import dataclass, field
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (owned by anyone): leftovers of a dead owner are
+    reclaimed, a live owner's are not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ExecStatus(str, enum.Enum):
     """Outcome of one ``Session.run``; ``INFRA_ERROR`` means the sandbox broke, not the code."""
 

@@ -35,6 +35,7 @@ from tir_envs.sandbox.base import (
     Sandbox,
     SandboxError,
     Session,
+    pid_alive,
 )
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,6 @@ def _owner() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers(client) -> int:
     """Remove sandbox containers whose owning process on this host is gone; returns how many.
 
@@ -92,7 +83,7 @@ def remove_leftovers(client) -> int:
     found = client.containers.list(all=True, filters={"label": LABEL}, ignore_removed=True)
     for container in found:
         owner_host, _, owner_pid = container.labels.get(OWNER_LABEL, "").rpartition("/")
-        stale = owner_host == host and owner_pid.isdigit() and not _pid_alive(int(owner_pid))
+        stale = owner_host == host and owner_pid.isdigit() and not pid_alive(int(owner_pid))
         if stale:
             _force_remove(container)
             removed += 1
