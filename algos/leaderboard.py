@@ -53,9 +53,10 @@ RUN_FILE = "run.json"
 SESSIONS_FILE = "sessions.jsonl"
 _METRICS = ("pass@1", "pass@k", "mean_turns", "tool_call_rate", "code_error_rate")
 _GLOSSARY = (
-    "Tool-call rate: share of samples with at least one python block. Code-error rate: share of "
-    "tool calls whose code did not run cleanly (error, timeout, memory, output limit). Samples "
-    "hit by a sandbox infra error are not scored."
+    "Answer rate: share of samples that ended with a final answer the grader could read (a "
+    "\\boxed{} in a turn without code). Tool-call rate: share of samples with at least one "
+    "python block. Code-error rate: share of tool calls whose code did not run cleanly (error, "
+    "timeout, memory, output limit). Samples hit by a sandbox infra error are not scored."
 )
 _GENERIC_DIR_NAMES = re.compile(r"^(final|latest|best|model|checkpoint[-_\w]*)$")
 
@@ -522,8 +523,9 @@ def _evaluate(spec: ModelSpec, bench: Benchmark, todo: set[Key], config: Leaderb
 def cell_metrics(records: list[dict], k: int) -> dict[str, Any]:
     """``summarize`` plus what a leaderboard cell needs: pass@k under one name (k is lowered to
     the fewest scored samples of a problem if infra errors left fewer than k), the standard
-    error of pass@1 over problems (the spread a subset of problems brings), and the mean
-    generated tokens per sample (what the cell cost, and whether answers ran into the budget)."""
+    error of pass@1 over problems (the spread a subset of problems brings), the mean generated
+    tokens per sample (what the cell cost, and whether answers ran into the budget) and the
+    answer rate (how many samples gave a final answer at all: a wrong answer and none differ)."""
     by_problem: dict[str, list[bool]] = {}
     for r in records:
         if not r["infra_error"]:
@@ -536,6 +538,8 @@ def cell_metrics(records: list[dict], k: int) -> dict[str, Any]:
     scored = [r for r in records if not r["infra_error"]]
     summary["mean_generated_tokens"] = (float(np.mean([r["generated_tokens"] for r in scored]))
                                         if scored else 0.0)
+    summary["answer_rate"] = (float(np.mean([r["final_answer"] is not None for r in scored]))
+                              if scored else 0.0)
     per_problem = [np.mean(v) for v in by_problem.values()]
     summary["pass@1_se"] = (float(np.std(per_problem, ddof=1) / np.sqrt(len(per_problem)))
                             if len(per_problem) > 1 else 0.0)
@@ -675,14 +679,15 @@ def _detail_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     k = results["k"]
     header = ["Model", "Benchmark", "Problems", "Samples", "pass@1 %",
               *([f"pass@{k} %"] if k > 1 else []), "Mean turns", "Tokens/sample",
-              "Tool-call rate", "Code-error rate", "Infra errors"]
+              "Answer rate", "Tool-call rate", "Code-error rate", "Infra errors"]
     rows = []
     for label, r in results["results"].items():
         named = [*r["benchmarks"].items(), ("overall (micro)", r["overall_micro"])]
         for bench, c in named:
             rows.append([label, bench, str(c["problems"]), str(c["samples"]), _pct(c["pass@1"]),
                          *([_pct(c["pass@k"])] if k > 1 else []), f"{c['mean_turns']:.2f}",
-                         f"{c['mean_generated_tokens']:.0f}", f"{c['tool_call_rate']:.2f}",
+                         f"{c['mean_generated_tokens']:.0f}", f"{c['answer_rate']:.2f}",
+                         f"{c['tool_call_rate']:.2f}",
                          f"{c['code_error_rate']:.2f}", str(c["infra_errors"])])
     return header, rows
 

@@ -50,10 +50,13 @@ def model(tokenizer):
     return tiny_model(0, tokenizer)
 
 
-def record(pid, sample, correct, *, turns=1, tool_calls=0, code_errors=0, infra=False):
+def record(pid, sample, correct, *, turns=1, tool_calls=0, code_errors=0, infra=False,
+           answered=None):
+    answered = correct if answered is None else answered
     return {"problem_id": pid, "sample": sample, "correct": correct, "turns": turns,
             "tool_calls": tool_calls, "code_errors": code_errors, "infra_error": infra,
-            "reward": float(correct), "generated_tokens": 10 * turns}
+            "reward": float(correct), "generated_tokens": 10 * turns,
+            "final_answer": "42" if answered else None}
 
 
 # ------------------------------------------------------------------------------ metrics math
@@ -63,7 +66,7 @@ def test_cell_metrics_on_known_records():
     # p0: 1 of 4 correct, p1: 4 of 4, p2: 0 of 4; k = 2.
     rows = [record("p0", s, s == 0) for s in range(4)]
     rows += [record("p1", s, True, turns=2, tool_calls=1, code_errors=s % 2) for s in range(4)]
-    rows += [record("p2", s, False, turns=3, tool_calls=2) for s in range(4)]
+    rows += [record("p2", s, False, turns=3, tool_calls=2, answered=s < 2) for s in range(4)]
     m = cell_metrics(rows, k=2)
     assert m["pass@1"] == pytest.approx((0.25 + 1 + 0) / 3)
     p0_pass2 = 1 - comb(3, 2) / comb(4, 2)  # = 0.5: the unbiased estimator, not 1 - 0.75^2
@@ -71,6 +74,7 @@ def test_cell_metrics_on_known_records():
     assert m["mean_turns"] == pytest.approx(2.0) and m["mean_generated_tokens"] == 20
     assert m["tool_call_rate"] == pytest.approx(8 / 12)
     assert m["code_error_rate"] == pytest.approx(2 / 12)  # 2 failed runs out of 12 tool calls
+    assert m["answer_rate"] == pytest.approx(7 / 12)  # 5 correct + 2 wrong answers; 5 gave none
     per_problem = [0.25, 1.0, 0.0]
     mean = sum(per_problem) / 3
     se = (sum((x - mean) ** 2 for x in per_problem) / 2) ** 0.5 / 3**0.5
