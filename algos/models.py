@@ -202,16 +202,19 @@ class ValueHead(nn.Module):
 
 
 class PolicyWithValue(nn.Module):
-    """PPO's actor-critic: the causal LM plus a value head sharing its trunk.
+    """PPO's actor-critic: the causal LM plus a value head reading its last hidden state.
 
     ``forward`` returns ``(logits, values)`` for every position; generation uses ``.policy``.
+    With ``critic_trains_trunk`` the value loss also trains the shared transformer; without it
+    (the default) the head reads detached features, so the critic cannot move the policy.
     """
 
     VALUE_HEAD_FILE = "value_head.safetensors"
 
-    def __init__(self, policy: PreTrainedModel):
+    def __init__(self, policy: PreTrainedModel, *, critic_trains_trunk: bool = False):
         super().__init__()
         self.policy = policy
+        self.critic_trains_trunk = critic_trains_trunk
         self.value_head = ValueHead(policy.config.get_text_config().hidden_size)
         self.value_head.to(policy.device)
 
@@ -225,7 +228,10 @@ class PolicyWithValue(nn.Module):
             use_cache=False,
             **kwargs,
         )
-        return out.logits, self.value_head(out.hidden_states[-1])
+        features = out.hidden_states[-1]
+        if not self.critic_trains_trunk:
+            features = features.detach()
+        return out.logits, self.value_head(features)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """An HF directory (``from_pretrained`` loads the policy) plus the value head beside it."""
@@ -235,12 +241,14 @@ class PolicyWithValue(nn.Module):
         save_file(self.value_head.state_dict(), str(Path(path) / self.VALUE_HEAD_FILE))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **load_kwargs) -> tuple[PolicyWithValue, PreTrainedTokenizerBase]:
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, critic_trains_trunk: bool = False, **load_kwargs
+    ) -> tuple[PolicyWithValue, PreTrainedTokenizerBase]:
         """Load a directory written by ``save_pretrained`` (a fresh head if it has none)."""
         from safetensors.torch import load_file
 
         policy, tokenizer = load_policy(path, **load_kwargs)
-        model = cls(policy)
+        model = cls(policy, critic_trains_trunk=critic_trains_trunk)
         head = Path(path) / cls.VALUE_HEAD_FILE
         if head.is_file():
             model.value_head.load_state_dict(load_file(str(head), device=str(policy.device)))

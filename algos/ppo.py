@@ -27,7 +27,7 @@ class PPO(Agent):
     config_class = PPOConfig
 
     def build_trainable(self, policy) -> PolicyWithValue:
-        return PolicyWithValue(policy)
+        return PolicyWithValue(policy, critic_trains_trunk=self.config.critic_trains_trunk)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor | None = None

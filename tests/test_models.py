@@ -85,7 +85,10 @@ def test_policy_with_value(tmp_path):
     torch.testing.assert_close(logits, model.policy(ids).logits)
     values.sum().backward()
     assert model.value_head.linear.weight.grad is not None
-    assert model.policy.model.embed_tokens.weight.grad is not None  # the critic shares the trunk
+    assert model.policy.model.embed_tokens.weight.grad is None  # the critic cannot move the policy
+    shared = PolicyWithValue(tiny_model(0), critic_trains_trunk=True)
+    shared(ids)[1].sum().backward()
+    assert shared.policy.model.embed_tokens.weight.grad.abs().sum() > 0
 
     torch.nn.init.normal_(model.value_head.linear.weight)
     model.save_pretrained(tmp_path / "ppo")
