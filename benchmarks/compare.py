@@ -5,8 +5,8 @@ narrow TIR task (``benchmarks/warmup.py``): one shared warm-up checkpoint, then 
 trains from it with the same sample budget (iterations x prompts x samples per prompt) for
 several seeds, and held-out accuracy is measured along the way.
 
-    python benchmarks/compare.py                 # the committed comparison (~1 h on 2 quiet cores)
-    python benchmarks/compare.py --smoke         # minutes, into a temp dir: a check, not a result
+    python benchmarks/compare.py             # the committed comparison (~40 min on 2 quiet cores)
+    python benchmarks/compare.py --smoke     # minutes, into a temp dir: a check, not a result
 
 Held-out accuracy is pass@1 sampled at temperature 1 (the policy RL trains, not its greedy mode:
 the warm-up model's greedy answer is already its most common one), over fixed problems whose
@@ -113,10 +113,10 @@ class Budget:
 
 
 # Sized from probes on the shared 2-core machine (2026-11-25, 1 thread per run): the 12-epoch
-# warm-up took 7.6 min wall (load ~2) and starts at ~30% held-out pass@1; a GRPO run of start-up +
-# 10 iterations + 2 evaluations used 24 CPU-s and went 28% -> 46%; PPO (2 epochs + critic) used
-# ~2.5x GRPO's CPU. That puts 18 runs x 80 iterations at ~30-40 min on 2 quiet cores with
-# --jobs 2, plus the warm-up: an estimate from those probes, not a timed full run.
+# warm-up takes 7.6-10 min wall and starts at ~28% held-out pass@1. The committed run shared the
+# cores with other jobs (load 4-6): 466-742 s per GTPO/GRPO run, ~1,300 s per PPO run, ~2 h in
+# all; PPO's last seed, alone at load 1, took 356 s. That puts the whole comparison at ~40 min on
+# 2 quiet cores with --jobs 2: an estimate from those timings, not a timed quiet run.
 DEFAULT = (Budget(), WarmupConfig())
 SMOKE = (
     Budget(iterations=2, prompts=2, group_size=2, minibatch_size=4, eval_every=1,
