@@ -50,13 +50,18 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from benchmarks.train import git_commit, machine_info, package_versions, plain_generate
+from benchmarks.train import (
+    FULL_UPDATE_ENTROPY_COEF,
+    LR,
+    git_commit,
+    machine_info,
+    package_versions,
+    plain_generate,
+)
 
 logger = logging.getLogger("benchmarks.vs_trl")
 
 PROMPTS, GROUP, MAX_NEW_TOKENS = 4, 4, 128
-LR = {"tiny": 1e-4, "default": 2e-6}
-FULL_UPDATE_ENTROPY_COEF = 1e-9
 
 
 def model_dir(name: str, scratch: Path) -> str:
