@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADVANTAGES",
+    "ESTIMATOR_FIELDS",
+    "GTPO_SCOPES",
     "Advantages",
+    "check_config",
     "discounted_cumsum",
     "gae",
     "get_advantage",
@@ -64,15 +67,28 @@ class Advantages(NamedTuple):
 
 AdvantageFn = Callable[[RolloutBatch, "AlgoConfig", "Tensor | None"], Advantages]
 ADVANTAGES: dict[str, AdvantageFn] = {}
+ESTIMATOR_FIELDS: dict[str, tuple[str, ...]] = {}
+"""The config fields each registered estimator reads (beyond ``AlgoConfig``'s own)."""
+_CHECKS: dict[str, Callable[["AlgoConfig"], None]] = {}
 
 
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Register ``fn(batch, cfg, values=None) -> Advantages`` under ``name``."""
+def register_advantage(
+    name: str, *, reads: tuple[str, ...] = (), check: Callable[[AlgoConfig], None] | None = None,
+) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Register ``fn(batch, cfg, values=None) -> Advantages`` under ``name``.
+
+    ``reads`` names the config fields the estimator reads that not every config has, and
+    ``check(cfg)`` rejects values it cannot use: configs run both when they are built
+    (:func:`check_config`), so ``PPOConfig(advantage="grpo")`` fails there, not mid-run.
+    """
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
         if name in ADVANTAGES:
             raise ValueError(f"advantage estimator {name!r} is already registered")
         ADVANTAGES[name] = fn
+        ESTIMATOR_FIELDS[name] = tuple(reads)
+        if check is not None:
+            _CHECKS[name] = check
         return fn
 
     return decorator
@@ -86,6 +102,31 @@ def get_advantage(name: str) -> AdvantageFn:
         raise KeyError(f"no advantage estimator {name!r}; known: {sorted(ADVANTAGES)}") from None
 
 
+def check_config(cfg: AlgoConfig) -> None:
+    """Raise ``ValueError`` unless ``cfg`` has every field its estimator reads, with usable values."""
+    name = cfg.advantage
+    if name not in ADVANTAGES:
+        raise ValueError(f"advantage={name!r} is not registered; known: {sorted(ADVANTAGES)}")
+    missing = [f for f in ESTIMATOR_FIELDS[name] if not hasattr(cfg, f)]
+    if missing:
+        raise ValueError(
+            f"advantage={name!r} reads config fields {missing} that {type(cfg).__name__} does "
+            f"not have; use a config class that defines them (e.g. the one of the algorithm "
+            f"named {name!r})"
+        )
+    if name in _CHECKS:
+        _CHECKS[name](cfg)
+
+
+def _scope_check(allowed: tuple[str, ...]) -> Callable[[AlgoConfig], None]:
+    def check(cfg: AlgoConfig) -> None:
+        if cfg.norm_scope not in allowed:
+            raise ValueError(f"advantage={cfg.advantage!r} needs norm_scope in {allowed}, "
+                             f"got {cfg.norm_scope!r}")
+
+    return check
+
+
 # --------------------------------------------------------------------------- building blocks
 
 
@@ -95,19 +136,21 @@ def trajectory_reward(
 ) -> Tensor:
     """One reward per trajectory, ``[B]``, from turn rewards ``[B, T]``.
 
-    ``sum``: sum of the turn rewards. ``min_acc_format`` (the GTPO paper's GRPO baseline,
-    min(accuracy, format)): the format term passes (counts as +inf) when no turn was penalised,
-    else it is the summed penalty; so a trajectory with a format fault gets its penalty whatever
-    its answer, and a clean one gets its accuracy.
+    ``sum``: sum of the turn rewards. ``min_acc_format``: the GTPO paper's GRPO baseline,
+    min(r_acc, r_fmt) with a binary format term (1 when no turn was penalised, else 0), so a
+    trajectory with any format fault scores 0 whatever its answer and a clean one scores its
+    accuracy. ``min_acc_penalty``: min(accuracy, summed penalty) when a turn was penalised, else
+    the accuracy; a faulty trajectory then ranks below a clean wrong one.
     """
     if mode == "sum":
         return (rewards * turn_mask).sum(1)
-    if mode == "min_acc_format":
+    if mode in ("min_acc_format", "min_acc_penalty"):
         if accuracy is None or format is None:
-            raise ValueError("min_acc_format needs the accuracy and format components")
+            raise ValueError(f"{mode} needs the accuracy and format components")
         acc = (accuracy * turn_mask).sum(1)
         fmt = (format * turn_mask).sum(1)
-        return torch.where(fmt < 0, torch.minimum(acc, fmt), acc)
+        fault = torch.minimum(acc, fmt) if mode == "min_acc_penalty" else acc.clamp(max=0)
+        return torch.where(fmt < 0, fault, acc)
     raise ValueError(f"unknown trajectory reward mode {mode!r}")
 
 
@@ -132,7 +175,9 @@ def group_normalize(
     ``scope``: ``group`` (x - mean_seg) / (std_seg + eps); ``batch`` (x - mean_seg) /
     (std_batch + eps), the std over all valid values (Lite PPO); ``none`` x - mean_seg (Dr.GRPO).
     ``segments`` are any integer ids; entries with ``valid`` False are ignored and get 0, and a
-    segment whose valid values are all equal gets 0. One vectorised pass: no loop over segments.
+    segment whose valid values are all equal gets 0. "Equal" allows float rounding
+    (``FLAT_TOLERANCE``): 0.9 * 1.0 and 1.0 - 0.1 are the same reward, and a z-score would blow
+    their 1e-8 difference up to +-0.7. One vectorised pass: no loop over segments.
     """
     if scope not in ("group", "batch", "none"):
         raise ValueError(f"unknown normalisation scope {scope!r}")
@@ -144,11 +189,10 @@ def group_normalize(
     n = int(seg.max()) + 1
     count = _segment_sum(torch.ones_like(v), seg, n)
     centered = v - (_segment_sum(v, seg, n) / count)[seg]
-    spread = (
-        torch.full((n,), -torch.inf, dtype=v.dtype).scatter_reduce(0, seg, v, "amax")
-        - torch.full((n,), torch.inf, dtype=v.dtype).scatter_reduce(0, seg, v, "amin")
-    )
-    flat = (spread == 0)[seg]
+    high = torch.full((n,), -torch.inf, dtype=v.dtype).scatter_reduce(0, seg, v, "amax")
+    low = torch.full((n,), torch.inf, dtype=v.dtype).scatter_reduce(0, seg, v, "amin")
+    size = torch.maximum(high.abs(), low.abs()).clamp(min=1.0)
+    flat = (high - low <= FLAT_TOLERANCE * size)[seg]
     if scope == "group":
         var = _segment_sum(centered**2, seg, n) / (count - 1).clamp(min=1)
         adv = centered / (var.sqrt() + eps)[seg]
@@ -158,6 +202,10 @@ def group_normalize(
         adv = centered
     out[valid] = torch.where(flat, torch.zeros((), dtype=v.dtype), adv)
     return out
+
+
+FLAT_TOLERANCE = 1e-6
+"""Values of a segment within this (relative to max(1, |value|)) of each other count as equal."""
 
 
 def discounted_cumsum(x: Tensor, discount: float, block: int = 64) -> Tensor:
@@ -195,22 +243,35 @@ def grpo_advantages(
     return group_normalize(traj_rewards, group_ids, valid, scope, eps)
 
 
+GTPO_SCOPES = ("turn", "group", "global", "batch", "none")
+"""How GTPO normalises turn returns; the reasons for the default are in ``GTPOConfig.norm_scope``."""
+
+
 def gtpo_turn_advantages(
     rewards: Tensor, turn_mask: Tensor, group_ids: Tensor, valid: Tensor, gamma: float = 0.9,
-    scope: str = "group", eps: float = 1e-6,
+    scope: str = "turn", eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """GTPO: discounted turn returns and their normalised advantages, both ``[B, T]``.
 
-    R_ij = sum_{m>=j} gamma^(m-j) r_im over trajectory i's own turns. Advantages normalise R over
-    all turns of the group's trajectories (``group``/``batch``/``none`` as in
-    :func:`group_normalize`), or over the group's turns with the same index j (``turn``).
-    Special cases: one turn per trajectory -> GRPO with the same scope; gamma=1 -> R_ij is the
-    undiscounted reward-to-go and R_i1 the summed reward; gamma=0 -> R_ij = r_ij. Turn rewards
-    off (the trajectory reward R_i on the final turn) with gamma=1 -> every turn of i carries
-    R_i, so the statistics are GRPO's with each trajectory weighted by its turn count; with T
-    turns each, that is GRPO times sqrt((nT - 1) / (T(n - 1))), the unbiased std counting nT
-    entries instead of n (exactly GRPO for scope none).
+    R_ij = sum_{m>=j} gamma^(m-j) r_im over trajectory i's own turns. Advantages normalise R:
+
+    - ``turn``: over the group's returns at the same turn index j (mean and std of R_.j); a turn
+      is compared only with the turns its group took at the same point of the episode;
+    - ``group``: over all turns of the group's trajectories pooled (one mean and std);
+    - ``global``: over all turns of the batch pooled (a third-party reading of the paper);
+    - ``batch``/``none``: the group's pooled mean, with the batch's std or no scaling
+      (as in :func:`group_normalize`).
+
+    Special cases: one turn per trajectory -> GRPO (``turn``, ``group``: GRPO's ``group`` scope);
+    gamma=1 -> R_ij is the undiscounted reward-to-go and R_i1 the summed reward; gamma=0 ->
+    R_ij = r_ij. Turn rewards off (the trajectory reward R_i on the final turn) with gamma=1 and
+    a pooled scope -> every turn of i carries R_i, so the statistics are GRPO's with each
+    trajectory weighted by its turn count; with T turns each, that is GRPO times
+    sqrt((nT - 1) / (T(n - 1))), the unbiased std counting nT entries instead of n (exactly GRPO
+    for scope none).
     """
+    if scope not in GTPO_SCOPES:
+        raise ValueError(f"unknown GTPO normalisation scope {scope!r}; known: {GTPO_SCOPES}")
     returns = discounted_cumsum(rewards * turn_mask, gamma) * turn_mask
     entries = turn_mask & valid[:, None]
     T = rewards.shape[1]
@@ -218,6 +279,9 @@ def gtpo_turn_advantages(
     if scope == "turn":
         _, compact = torch.unique(group_ids, return_inverse=True)
         segments = compact[:, None] * T + torch.arange(T)
+        scope = "group"
+    elif scope == "global":
+        segments = torch.zeros_like(segments)
         scope = "group"
     adv = group_normalize(returns.flatten(), segments.flatten(), entries.flatten(), scope, eps)
     return returns, adv.view_as(rewards)
@@ -280,7 +344,8 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 # --------------------------------------------------------------------------- registered
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", reads=("norm_scope",),
+                    check=_scope_check(("group", "batch", "none")))
 def grpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> Advantages:
     """GRPO: the trajectory reward's group-normalised advantage on every generated token."""
     traj = trajectory_reward(batch.rewards, batch.turn_mask, cfg.trajectory_reward,
@@ -290,7 +355,7 @@ def grpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> 
     return Advantages(tokens=turn_to_tokens(turns, batch.turn_index), turns=turns)
 
 
-@register_advantage("gtpo")
+@register_advantage("gtpo", reads=("norm_scope", "gamma"), check=_scope_check(GTPO_SCOPES))
 def gtpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> Advantages:
     """GTPO: normalised discounted turn returns; turn j's advantage on turn j's tokens."""
     rewards = turn_level_rewards(batch, cfg.turn_rewards, cfg.trajectory_reward)
@@ -299,7 +364,7 @@ def gtpo(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> 
     return Advantages(tokens=turn_to_tokens(turns, batch.turn_index), turns=turns)
 
 
-@register_advantage("gae")
+@register_advantage("gae", reads=("gamma", "lam", "whiten_advantages"))
 def gae_estimator(batch: RolloutBatch, cfg: AlgoConfig, values: Tensor | None = None) -> Advantages:
     """PPO: token-level GAE with the critic's values; turn rewards on each turn's last token."""
     if values is None:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from algos.advantages import get_advantage
+from algos.advantages import check_config, get_advantage
 from algos.batch import RolloutBatch
 from algos.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from algos.config import AlgoConfig
@@ -97,6 +97,7 @@ def rollout_batch(trajectories: list[Trajectory], spans: list, seq_len: int) -> 
         seq_len=seq_len,
         infra_error=[t.infra_error for t in trajectories],
         correct=[t.correct for t in trajectories],
+        void=[t.has_void_turn for t in trajectories],
         turn_accuracy=component("accuracy"),
         turn_format=component("format"),
     )
@@ -130,6 +131,55 @@ def token_logprobs(
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     zeros = torch.zeros(mask.shape, dtype=picked.dtype, device=logits.device)
     return zeros.masked_scatter(mask, picked), zeros.masked_scatter(mask, entropy.detach())
+
+
+def loss_rows(batch: RolloutBatch, advantages: Tensor, cfg: AlgoConfig) -> Tensor:
+    """bool[B]: the trajectories the loss sees. Infra errors never do; with
+    ``void_turn_filter`` nor do trajectories with a void turn; with ``zero_variance_groups="drop"``
+    nor do groups whose advantages are all 0."""
+    rows = batch.valid.clone()
+    if cfg.void_turn_filter:
+        rows &= ~batch.void
+    if cfg.zero_variance_groups == "drop":
+        signal = (advantages != 0).any(1)
+        _, group = torch.unique(batch.group_ids, return_inverse=True)
+        informative = torch.zeros(int(group.max()) + 1, dtype=torch.bool).index_put_(
+            (group,), signal, accumulate=True)
+        rows &= informative[group]
+    return rows
+
+
+def advantage_metrics(
+    trajectories: list[Trajectory], batch: RolloutBatch, advantages: Tensor
+) -> dict[str, float]:
+    """What the advantages say about the batch: groups that were all correct or carried no
+    signal, void trajectories, and the share of correct trajectories' code turns pushed down
+    (a negative mean advantage on a tool turn of a trajectory that ended correct)."""
+    B, T = batch.turn_mask.shape
+    index = batch.turn_index.clamp(min=0) + T * torch.arange(B)[:, None]
+    inside = batch.loss_mask.flatten()
+    per_turn = torch.zeros(B * T).index_add_(0, index.flatten()[inside],
+                                              advantages.flatten()[inside].float())
+    counts = torch.zeros(B * T).index_add_(0, index.flatten()[inside], torch.ones(int(inside.sum())))
+    turn_adv = (per_turn / counts.clamp(min=1)).view(B, T)
+    code = torch.zeros(B, T, dtype=torch.bool)
+    for i, trajectory in enumerate(trajectories):
+        for j, turn in enumerate(trajectory.turns):
+            code[i, j] = bool(turn.info.get("tool_called"))
+    correct_code = code & (batch.correct & batch.valid)[:, None] & (counts.view(B, T) > 0)
+    _, group = torch.unique(batch.group_ids, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    wrong = torch.zeros(n_groups).index_add_(0, group, (~batch.correct & batch.valid).float())
+    valid = torch.zeros(n_groups).index_add_(0, group, batch.valid.float())
+    signal = torch.zeros(n_groups).index_add_(0, group, (advantages != 0).any(1).float())
+    return {
+        "groups/all_correct": float(((wrong == 0) & (valid > 0)).sum()),
+        "groups/no_signal": float((signal == 0).sum()),
+        "void_rate": float(batch.void.float().mean()),
+        "adv/correct_code_turns_negative": (
+            float((turn_adv[correct_code] < 0).float().mean()) if correct_code.any() else 0.0
+        ),
+    }
 
 
 ALGORITHMS: dict[str, type[Agent]] = {}
@@ -179,6 +229,7 @@ class Agent:
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got "
                 f"{type(self.config).__name__}"
             )
+        check_config(self.config)  # again: a config's fields can be changed after it was built
         self.rollout = rollout or RolloutConfig()
         if self.rollout.temperature == 0:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
@@ -200,6 +251,10 @@ class Agent:
             [p for p in self.trainable.parameters() if p.requires_grad],
             lr=self.config.lr,
             weight_decay=0.0,
+        )
+        warmup = self.config.lr_warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
         self.generator = generator or HFGenerator(self.policy, tokenizer)
         pad = tokenizer.pad_token_id
@@ -371,6 +426,7 @@ class Agent:
         values = self.rollout_values(tokens, batch)
         advantages = self.estimator(batch, self.config, values)
         timings["time/advantage_s"] = time.perf_counter() - start
+        signal = advantage_metrics(trajectories, batch, advantages.tokens)
 
         start = time.perf_counter()
         update = self.update(tokens, batch, advantages, values, progress=progress)
@@ -383,6 +439,7 @@ class Agent:
         metrics = {
             "iteration": self.iteration,
             **trajectory_metrics(trajectories),
+            **signal,
             **update,
             **timings,
             "tokens/generated": generated,
@@ -414,10 +471,15 @@ class Agent:
         self, tokens: TokenBatch, batch: RolloutBatch, advantages, values: Tensor | None,
         progress: bool = False,
     ) -> dict[str, float]:
-        """``update_epochs`` passes of minibatch steps; returns the mean of each metric."""
+        """``update_epochs`` passes of minibatch steps; returns the mean of each metric.
+
+        Each epoch takes ``ceil(B / minibatch_size)`` optimizer steps over a shuffle of the rows
+        that reach the loss, so every method and filter setting gets the same number of steps.
+        """
         cfg = self.config
         n = tokens.input_ids.shape[0]
-        loss_mask = batch.loss_mask
+        in_loss = loss_rows(batch, advantages.tokens, cfg)
+        loss_mask = batch.loss_mask & in_loss[:, None]
         data = {
             "input_ids": tokens.input_ids,
             "attention_mask": tokens.attention_mask,
@@ -438,13 +500,14 @@ class Agent:
         steps, updated_tokens = 0, 0.0
         generator = torch.Generator().manual_seed(cfg.seed + self.iteration)
         micro = cfg.minibatch_size // cfg.grad_accum_steps
-        total_steps = cfg.update_epochs * -(-n // cfg.minibatch_size)
-        bar = tqdm(total=total_steps, desc="update", leave=False, disable=not progress)
+        per_epoch = -(-n // cfg.minibatch_size)
+        kept = in_loss.nonzero().squeeze(1)
+        bar = tqdm(total=cfg.update_epochs * per_epoch, desc="update", leave=False,
+                   disable=not progress)
         self.trainable.train()
         for _ in range(cfg.update_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, cfg.minibatch_size):
-                rows = order[start : start + cfg.minibatch_size]
+            order = kept[torch.randperm(len(kept), generator=generator)]
+            for rows in order.tensor_split(per_epoch):
                 denominator = self._denominator(loss_mask[rows])
                 if skip_flat:
                     rows = rows[has_signal[rows]]
@@ -462,14 +525,17 @@ class Agent:
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.trainable.parameters(), cfg.max_grad_norm
                 )
+                sums["lr"] += self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
+                self.scheduler.step()
                 sums["grad_norm"] += float(grad_norm)
                 steps += 1
                 bar.update(1)
         bar.close()
         self.trainable.eval()
         means = {key: value / max(steps, 1) for key, value in sums.items()}
-        return {**means, "tokens/updated": updated_tokens}
+        return {**means, "update/steps": steps, "update/rows_in_loss": float(in_loss.sum()),
+                "tokens/updated": updated_tokens}
 
     def _denominator(self, mask: Tensor) -> float:
         """The minibatch-wide divisor, so micro-batch losses add up to the minibatch's loss."""
@@ -478,7 +544,7 @@ class Agent:
             return float(mask.sum().clamp(min=1))
         if mode == "seq_mean":
             return float((mask.sum(1) > 0).sum().clamp(min=1))
-        return float(mask.shape[0])
+        return float(max(mask.shape[0], 1))
 
     def loss_constant(self) -> float | None:
         """Dr.GRPO's fixed normaliser: the config's, else the episode's generation budget."""
@@ -541,6 +607,7 @@ class Agent:
             self.run_dir, self.iteration, self.trainable, self.tokenizer,
             trainer_state={
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "iteration": self.iteration,
                 "algo": self.name,
                 "config": self.config.to_dict(),
@@ -572,6 +639,8 @@ class Agent:
         if state["algo"] != self.name:
             raise ValueError(f"checkpoint {path} was written by {state['algo']}, not {self.name}")
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints written before the warm-up schedule existed
+            self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])

@@ -13,6 +13,7 @@ Turn level, ``[B, T]`` with T = max_i T_i (padding turns are masked and hold 0):
     turn_mask   bool[B, T]   True for j < T_i
     infra_error bool[B]      the sandbox failed: excluded from statistics, no advantage, no loss
     correct     bool[B]      the final answer was graded correct
+    void        bool[B]      some turn had neither a complete code block nor a final answer
 
 Token level, ``[B, L]`` with L the padded sequence length (prompt, generated turns and tool output
 laid end to end, right-padded)::
@@ -63,6 +64,7 @@ class RolloutBatch:
     turn_mask: Tensor
     infra_error: Tensor
     correct: Tensor
+    void: Tensor
     loss_mask: Tensor
     turn_index: Tensor
 
@@ -87,13 +89,15 @@ class RolloutBatch:
         correct: Sequence[bool] | None = None,
         turn_accuracy: Sequence[Sequence[float]] | None = None,
         turn_format: Sequence[Sequence[float]] | None = None,
+        void: Sequence[bool] | None = None,
     ) -> RolloutBatch:
         """Pad per-trajectory records into a batch.
 
         ``turn_spans[i][j] = (start, end)`` is the half-open range of turn j's generated tokens in
         trajectory i's sequence; spans are sorted and disjoint (tool output lies between them).
         ``seq_len`` defaults to the largest span end. Missing ``turn_accuracy``/``turn_format``
-        are zeros; missing ``correct`` is read off the accuracy of the final turn (> 0).
+        are zeros; missing ``correct`` is read off the accuracy of the final turn (> 0); missing
+        ``void`` is all False.
         """
         n = len(group_ids)
         if not (len(turn_rewards) == len(turn_spans) == n):
@@ -158,6 +162,8 @@ class RolloutBatch:
             turn_mask=tm,
             infra_error=infra,
             correct=correct_t,
+            void=torch.zeros(n, dtype=torch.bool) if void is None
+            else torch.as_tensor(list(void), dtype=torch.bool),
             loss_mask=generated & ~infra[:, None],
             turn_index=turn_index,
         )

@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from algos.advantages import ADVANTAGES
+from algos.advantages import check_config
 
 __all__ = ["AlgoConfig", "GRPOConfig", "GTPOConfig", "PPOConfig"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k3")
-TRAJECTORY_REWARDS = ("sum", "min_acc_format")
+TRAJECTORY_REWARDS = ("sum", "min_acc_format", "min_acc_penalty")
+ZERO_VARIANCE_GROUPS = ("keep", "drop")
 SIMILARITIES = ("lexical", "embedding")
 
 
@@ -32,7 +33,8 @@ class AlgoConfig:
     """Knobs shared by every agent: sampling, optimisation, the policy loss, rewards, shaping."""
 
     advantage: str = "grpo"
-    """Name of the registered advantage estimator (``algos.advantages.get_advantage``)."""
+    """Name of the registered advantage estimator (``algos.advantages.get_advantage``). The
+    config must have every field the estimator reads (``ESTIMATOR_FIELDS``): checked here."""
 
     # --- run ---
     seed: int = 0
@@ -59,6 +61,9 @@ class AlgoConfig:
     """Micro-batches per minibatch, to bound memory: minibatch_size must be a multiple."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (1.0 in TRL and verl); math.inf disables it."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps over which the learning rate rises linearly from lr/steps to lr (verl's
+    lr_warmup_steps; TRL's warmup_steps). 0: the full rate from the first step."""
 
     # --- policy loss ---
     clip_low: float = 0.2
@@ -89,10 +94,23 @@ class AlgoConfig:
     trajectory_reward) sits on the final turn, as GRPO sees it."""
     trajectory_reward: str = "sum"
     """How turn rewards become one trajectory reward when turn_rewards is off: sum (of all
-    turn rewards) | min_acc_format (the GTPO paper's GRPO baseline: the summed format penalty
-    when any turn was penalised, else the accuracy)."""
+    turn rewards) | min_acc_format (the GTPO paper's GRPO baseline, min(r_acc, r_fmt) with a
+    binary format term: 0 when any turn was penalised, else the accuracy) | min_acc_penalty
+    (the summed penalty when any turn was penalised, else the accuracy)."""
     adv_eps: float = 1e-6
     """Added to the standard deviation when advantages are divided by it."""
+
+    # --- what reaches the loss ---
+    void_turn_filter: bool = False
+    """Leave out of the loss every trajectory with a void turn: one that has neither a complete
+    code block nor a final answer, typically cut off by the token limit (SimpleTIR, arXiv
+    2509.02479: such turns carry low-probability tokens whose gradients blow up). Their
+    rewards still count in group statistics."""
+    zero_variance_groups: str = "keep"
+    """What to do with groups whose advantages are all 0 (every sample scored alike): keep
+    (their tokens count in the loss normaliser, diluting the others: GRPO, TRL) | drop (left
+    out of the batch, so the normaliser counts only informative tokens: DAPO's dynamic
+    sampling without the resampling)."""
 
     # --- GTPO self-supervised reward shaping (see algos.shaping) ---
     shaping: bool = False
@@ -105,8 +123,7 @@ class AlgoConfig:
     | embedding (all-MiniLM-L6-v2 sentence embeddings; needs sentence-transformers)."""
 
     def __post_init__(self) -> None:
-        _require(self.advantage in ADVANTAGES,
-                 f"advantage={self.advantage!r} is not registered; known: {sorted(ADVANTAGES)}")
+        check_config(self)
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
         _require(self.prompts_per_iteration >= 1,
@@ -123,6 +140,11 @@ class AlgoConfig:
                  f"minibatch_size ({self.minibatch_size}) exceeds the batch of "
                  f"prompts_per_iteration * group_size = {batch} trajectories")
         _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        _require(self.lr_warmup_steps >= 0,
+                 f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _require(self.zero_variance_groups in ZERO_VARIANCE_GROUPS,
+                 f"zero_variance_groups must be one of {ZERO_VARIANCE_GROUPS}, "
+                 f"got {self.zero_variance_groups!r}")
         _require(0 <= self.clip_low < 1, f"clip_low must be in [0, 1), got {self.clip_low}")
         _require(self.clip_high >= 0, f"clip_high must be >= 0, got {self.clip_high}")
         _require(self.loss_aggregation in LOSS_AGGREGATIONS,
@@ -156,13 +178,10 @@ class _GroupConfig(AlgoConfig):
     norm_scope: str = "group"
     """Which rewards set the baseline and the scale: group (mean and std of the prompt's group),
     batch (the group's mean, the batch's std: Lite PPO), none (the group's mean only:
-    Dr.GRPO, no difficulty bias); GTPO also has turn (mean and std of the group's returns
-    at the same turn index)."""
+    Dr.GRPO, no difficulty bias)."""
 
-    def _check_scope(self, allowed: tuple[str, ...]) -> None:
-        _require(self.norm_scope in allowed,
-                 f"{type(self).__name__}.norm_scope must be one of {allowed}, "
-                 f"got {self.norm_scope!r}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.group_size >= 2,
                  f"group-relative advantages need group_size >= 2, got {self.group_size}")
 
@@ -175,7 +194,6 @@ class GRPOConfig(_GroupConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_scope(("group", "batch", "none"))
         _require(not self.turn_rewards,
                  "GRPO rewards whole trajectories: turn_rewards must be False (use GTPOConfig)")
 
@@ -184,18 +202,34 @@ class GRPOConfig(_GroupConfig):
 class GTPOConfig(_GroupConfig):
     """GTPO (arXiv 2511.14846): turn rewards, normalised discounted returns, code-similarity
     shaping. turn_rewards=False, gamma=1 and shaping=False give back GRPO's advantages when
-    every trajectory of a group has the same number of turns."""
+    every trajectory of a group has one turn."""
 
     advantage: str = "gtpo"
     turn_rewards: bool = True
     gamma: float = 0.9
     """Discount of turn returns R_ij = sum_{m>=j} gamma^(m-j) r_im (paper: 0.9). 1 gives the
     undiscounted reward-to-go; 0 each turn's own reward."""
+    norm_scope: str = "turn"
+    """How returns become advantages: turn (mean and std of the group's returns at the same turn
+    index) | group (all turns of the group pooled) | global (all turns of the batch pooled) |
+    batch | none (the group's pooled mean; the batch's std, or none).
+
+    Why turn: the paper (arXiv 2511.14846, section 3.2) calls its advantages "normalized
+    discounted returns"; its equation text could not be read from here, and third-party code
+    differs (one SkyRL fork normalises over the whole batch, citing "Eq. 7"). Any pooled scope
+    compares returns across turn positions, and with gamma < 1 an earlier turn's return is
+    smaller only because it is further from the reward: a group of 4 trajectories all correct in
+    2 turns gets [-0.94, +0.94] on every trajectory (group), so every correct tool call is
+    pushed down, and a correct tool call beside a correct no-tool answer gets -0.80. Measured
+    in the earlier comparison (80 iterations, 3 seeds): 33-44% of correct trajectories had a
+    negative code-turn advantage under group; turn took that to 0. turn gives 0 where outcomes
+    carry no preference, keeps the outcome's sign on every turn of a mixed group, is GRPO on
+    one-turn trajectories and ignores trajectory order (tests/test_advantages.py checks each);
+    the pooled readings stay as options for ablations."""
     shaping: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_scope(("group", "batch", "turn", "none"))
         _require(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
 
 

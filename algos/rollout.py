@@ -62,6 +62,10 @@ class RolloutConfig:
         self.stop = tuple(self.stop)
 
 
+INCOMPLETE_CODE = ("unclosed_fence", "empty_code", "action_too_long")
+"""``info["format_error"]`` values of a turn whose code block is not a complete one."""
+
+
 @dataclass
 class Turn:
     """One assistant turn and what the env answered."""
@@ -74,6 +78,14 @@ class Turn:
     reward: float
     info: dict[str, Any]
     finish_reason: str
+
+    @property
+    def void(self) -> bool:
+        """Neither a complete code block nor a final answer (SimpleTIR's void turn): a turn cut
+        off mid-fence, an empty or overlong one, or a final turn with no ``\\boxed{}``."""
+        complete_code = (self.info.get("tool_called", False)
+                         and self.info.get("format_error") not in INCOMPLETE_CODE)
+        return not complete_code and self.info.get("final_answer") is None
 
 
 @dataclass
@@ -106,6 +118,10 @@ class Trajectory:
     def infra_error(self) -> bool:
         """The sandbox itself failed at some turn: not the model's fault, so not scored."""
         return any(t.info.get("exec", {}).get("status") == "infra_error" for t in self.turns)
+
+    @property
+    def has_void_turn(self) -> bool:
+        return any(turn.void for turn in self.turns)
 
     @property
     def code(self) -> str:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from algos.advantages import (
     ADVANTAGES,
+    GTPO_SCOPES,
     Advantages,
     discounted_cumsum,
     gae,
@@ -77,16 +78,19 @@ def test_zero_variance_and_singletons_give_zero_not_nan():
 
 
 def test_trajectory_reward_modes():
-    # Turn components of four one-or-two-turn trajectories:
-    #   (acc 1, fmt 0) -> sum 1,    min_acc_format: no penalty -> accuracy 1
-    #   (acc 1, fmt -0.1 on turn 0) -> sum 0.9, min -> the penalty -0.1
-    #   (acc 0, fmt 0) -> 0, 0
-    #   (acc 0, fmt -0.1 and -0.1) -> sum -0.2, min -> -0.2
+    # Turn components of four two-turn trajectories:
+    #   (acc 1, fmt 0)              -> sum 1,    min_acc_format 1 (clean: accuracy), penalty 1
+    #   (acc 1, fmt -0.1 on turn 0) -> sum 0.9,  min_acc_format 0 (binary format term fails),
+    #                                  min_acc_penalty -0.1
+    #   (acc 0, fmt 0)              -> 0, 0, 0
+    #   (acc 0, fmt -0.1 and -0.1)  -> sum -0.2, min_acc_format 0, min_acc_penalty -0.2
     acc = t([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
     fmt = t([[0.0, 0.0], [-0.1, 0.0], [0.0, 0.0], [-0.1, -0.1]])
     mask = torch.ones(4, 2, dtype=torch.bool)
     close(trajectory_reward(acc + fmt, mask, "sum"), [1.0, 0.9, 0.0, -0.2])
-    close(trajectory_reward(acc + fmt, mask, "min_acc_format", acc, fmt), [1.0, -0.1, 0.0, -0.2])
+    close(trajectory_reward(acc + fmt, mask, "min_acc_format", acc, fmt), [1.0, 0.0, 0.0, 0.0])
+    close(trajectory_reward(acc + fmt, mask, "min_acc_penalty", acc, fmt),
+          [1.0, -0.1, 0.0, -0.2])
     with pytest.raises(ValueError, match="components"):
         trajectory_reward(acc, mask, "min_acc_format")
 
@@ -151,13 +155,16 @@ def test_gtpo_turn_rewards_off_gamma_one_special_case():
     # R_i (here 0.9 and 0), so the group's statistics weigh trajectories by turn count:
     # entries [0.9, 0.9, 0.9, 0, 0], mean 0.54, std 0.492950 -> 0.730297 and -1.095445,
     # whereas GRPO on [0.9, 0] gives +-0.707107. With equal turn counts they agree
-    # (property test below).
+    # (property test below). The default turn scope compares turn j with turn j only: turns 0
+    # and 1 see [0.9, 0] -> +-0.707107, GRPO's numbers; turn 2 has no peer -> 0.
     batch = _batch(GT_REWARDS, GT_MASK, GT_GROUPS)
-    cfg = GTPOConfig(turn_rewards=False, gamma=1.0, shaping=False)
+    cfg = GTPOConfig(turn_rewards=False, gamma=1.0, shaping=False, norm_scope="group")
     out = get_advantage("gtpo")(batch, cfg)
     close(out.turns, [[0.730297, 0.730297, 0.730297], [-1.095445, -1.095445, 0.0]])
     grpo = get_advantage("grpo")(batch, GRPOConfig())
     close(grpo.turns, [[0.707107] * 3, [-0.707107, -0.707107, 0.0]])
+    per_turn = get_advantage("gtpo")(batch, GTPOConfig(turn_rewards=False, gamma=1.0))
+    close(per_turn.turns, [[0.707107, 0.707107, 0.0], [-0.707107, -0.707107, 0.0]])
 
 
 def test_turn_advantages_reach_exactly_their_tokens():
@@ -230,13 +237,15 @@ def test_gae_estimator_whitens_and_needs_values():
 def test_registry_plugs_in_by_name():
     assert {"grpo", "gtpo", "gae"} <= set(ADVANTAGES)
 
-    @register_advantage("_test_zero")
+    @register_advantage("_test_zero", reads=("gamma",))
     def zero(batch, cfg, values=None):
         return Advantages(tokens=torch.zeros(batch.loss_mask.shape))
 
     try:
         assert get_advantage("_test_zero") is zero
-        GRPOConfig(advantage="_test_zero")  # a config may name it
+        GTPOConfig(advantage="_test_zero")  # a config with the fields it reads may name it
+        with pytest.raises(ValueError, match=r"reads config fields \['gamma'\]"):
+            GRPOConfig(advantage="_test_zero")
         with pytest.raises(ValueError, match="already registered"):
             register_advantage("_test_zero")(zero)
     finally:
@@ -265,9 +274,23 @@ def test_grpo_config_rejects_bad_values(kwargs, message):
         GRPOConfig(**kwargs)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: PPOConfig(advantage="grpo"), r"\['norm_scope'\].*PPOConfig"),
+    (lambda: GRPOConfig(advantage="gae"), r"\['gamma', 'lam', 'whiten_advantages'\]"),
+    (lambda: GTPOConfig(advantage="grpo"), "norm_scope in"),  # GTPO's default scope: turn
+    (lambda: GTPOConfig(norm_scope="trajectory"), "norm_scope in"),
+    (lambda: GTPOConfig(zero_variance_groups="resample"), "zero_variance_groups"),
+    (lambda: GTPOConfig(lr_warmup_steps=-1), "lr_warmup_steps"),
+])
+def test_estimator_and_config_mismatch_fails_at_construction(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 def test_config_defaults_and_ablation_switches():
     gtpo = GTPOConfig()
-    assert (gtpo.turn_rewards, gtpo.gamma, gtpo.shaping) == (True, 0.9, True)
+    assert (gtpo.turn_rewards, gtpo.gamma, gtpo.shaping, gtpo.norm_scope) == \
+        (True, 0.9, True, "turn")
     assert gtpo.shaping_alpha == 0.5
     assert GTPOConfig(turn_rewards=False, gamma=1.0, shaping=False, norm_scope="turn")
     with pytest.raises(ValueError, match="gamma"):
@@ -324,13 +347,13 @@ def rollouts(draw, max_turns=4, equal_turns=False):
 
 SCOPES = ["group", "batch", "none"]
 CONFIGS = [GRPOConfig(norm_scope=s) for s in SCOPES] + \
-          [GTPOConfig(norm_scope=s) for s in SCOPES + ["turn"]] + [PPOConfig()]
+          [GTPOConfig(norm_scope=s) for s in GTPO_SCOPES] + [PPOConfig()]
 
 
 def _permute(batch: RolloutBatch, perm: torch.Tensor) -> RolloutBatch:
     return batch.replace(**{f: getattr(batch, f)[perm] for f in
                             ("group_ids", "rewards", "accuracy", "format", "turn_mask",
-                             "infra_error", "correct", "loss_mask", "turn_index")})
+                             "infra_error", "correct", "void", "loss_mask", "turn_index")})
 
 
 @settings(max_examples=40, deadline=None)
@@ -362,7 +385,7 @@ def test_grpo_shift_and_scale(batch, scale, shift):
 @settings(max_examples=40, deadline=None)
 @given(rollouts(), st.floats(0.5, 4.0), st.sampled_from([0.0, 0.5, 0.9, 1.0]))
 def test_gtpo_scale(batch, scale, gamma):
-    for scope in SCOPES + ["turn"]:
+    for scope in GTPO_SCOPES:
         _, a = gtpo_turn_advantages(batch.rewards, batch.turn_mask, batch.group_ids,
                                     batch.valid, gamma, scope)
         _, b = gtpo_turn_advantages(scale * batch.rewards, batch.turn_mask, batch.group_ids,
@@ -453,8 +476,106 @@ def test_scales_to_the_benchmark_shape():
         group_ids=torch.arange(B) // 8, rewards=torch.rand(B, T, generator=g),
         accuracy=torch.zeros(B, T), format=torch.zeros(B, T), turn_mask=turn_mask,
         infra_error=torch.zeros(B, dtype=torch.bool), correct=torch.zeros(B, dtype=torch.bool),
-        loss_mask=turn_index >= 0, turn_index=turn_index)
+        void=torch.zeros(B, dtype=torch.bool), loss_mask=turn_index >= 0, turn_index=turn_index)
     for cfg in (GRPOConfig(), GTPOConfig(), PPOConfig()):
         out = get_advantage(cfg.advantage)(batch, cfg, torch.rand(B, L, generator=g))
         assert out.tokens.shape == (B, L) and torch.isfinite(out.tokens).all()
     assert math.isfinite(float(out.returns.sum()))
+
+
+# --------------------------------------------------------------------------- the default GTPO
+# What the default normalisation must do, whatever the paper's reading: no preference where the
+# outcomes carry none, the outcome's sign on every turn, GRPO on one turn, order-free.
+
+DEFAULT = GTPOConfig(shaping=False)
+
+
+def _gtpo_turns(rows: list[list[float]], groups: list[int] | None = None,
+                cfg: GTPOConfig = DEFAULT) -> torch.Tensor:
+    groups = groups or [0] * len(rows)
+    spans = [[(2 + 3 * j, 4 + 3 * j) for j in range(len(r))] for r in rows]
+    return get_advantage("gtpo")(RolloutBatch.build(groups, rows, spans), cfg).turns
+
+
+def test_default_all_correct_in_two_turns_is_zero():
+    # The artefact of pooling turn positions: 4 trajectories correct in 2 turns have returns
+    # [0.9, 1.0] each; pooled (scope group): mean 0.95, std sqrt(8 * 0.05^2 / 7) = 0.053452,
+    # so every one gets +-0.05 / (0.053452 + 1e-6) = +-0.935396; per turn: 0.
+    rows = [[0.0, 1.0]] * 4
+    close(_gtpo_turns(rows, cfg=GTPOConfig(norm_scope="group")), [[-0.935396, 0.935396]] * 4)
+    close(_gtpo_turns(rows), [[0.0, 0.0]] * 4)
+
+
+def test_default_tool_turn_not_pushed_down_by_correct_no_tool_answer():
+    # 3 correct with the tool ([0, 1]: R = [0.9, 1]) + 1 correct guess ([1 - 0.1]: R = [0.9]).
+    # Pooled, the tool turns get -0.80; per turn, turn 0 sees [0.9] * 4 and turn 1 [1] * 3.
+    rows = [[0.0, 1.0]] * 3 + [[0.9]]
+    pooled = _gtpo_turns(rows, cfg=GTPOConfig(norm_scope="group"))
+    assert pooled[:3, 0].max() < -0.79
+    close(_gtpo_turns(rows), [[0.0, 0.0]] * 4)
+
+
+@st.composite
+def _group(draw, equal_length: bool):
+    size = draw(st.integers(2, 8))
+    length = draw(st.integers(1, 4))
+    lengths = [length] * size if equal_length else draw(
+        st.lists(st.integers(1, 4), min_size=size, max_size=size))
+    return size, lengths
+
+
+@settings(max_examples=60, deadline=None)
+@given(_group(equal_length=True),
+       st.lists(st.sampled_from([-0.2, -0.1, 0.0, 0.5, 1.0]), min_size=4, max_size=4),
+       st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+def test_default_equal_rewards_and_lengths_give_zero(group, pattern, gamma):
+    size, lengths = group
+    rows = [pattern[: lengths[0]]] * size
+    turns = _gtpo_turns(rows, cfg=GTPOConfig(shaping=False, gamma=gamma))
+    assert (turns == 0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(_group(equal_length=True), st.data(), st.sampled_from([0.5, 0.9, 1.0]))
+def test_default_mixed_group_keeps_the_outcome_sign_on_every_turn(group, data, gamma):
+    # Equal lengths, outcome-only rewards (1 on a correct final turn), the same format penalties
+    # at the same turns of every trajectory: correct turns > 0, wrong turns < 0.
+    size, lengths = group
+    T = lengths[0]
+    correct = data.draw(st.lists(st.booleans(), min_size=size, max_size=size)
+                        .filter(lambda c: any(c) and not all(c)))
+    penalty = data.draw(st.lists(st.sampled_from([0.0, -0.1]), min_size=T, max_size=T))
+    rows = [[p + (1.0 if ok and j == T - 1 else 0.0) for j, p in enumerate(penalty)]
+            for ok in correct]
+    turns = _gtpo_turns(rows, cfg=GTPOConfig(shaping=False, gamma=gamma))
+    ok = t(correct)
+    assert (turns[ok] > 0).all() and (turns[~ok] < 0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.lists(
+    st.lists(st.sampled_from([0.0, -0.1]), min_size=1, max_size=3), max_size=4))
+def test_default_correct_tool_turn_never_below_zero_beside_a_correct_guess(tools, guesses, wrong):
+    # Correct tool trajectories (tool turn, then the right answer), correct no-tool answers
+    # (accuracy 1, first-turn format penalty -0.1) and any wrong trajectories: the tool turn of a
+    # correct trajectory never gets a negative advantage.
+    rows = [[0.0, 1.0]] * tools + [[0.9]] * guesses + wrong
+    turns = _gtpo_turns(rows)
+    assert (turns[:tools, 0] >= 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rollouts(max_turns=1))
+def test_default_one_turn_equals_grpo(batch):
+    gtpo = get_advantage("gtpo")(batch, DEFAULT)
+    grpo = get_advantage("grpo")(batch, GRPOConfig())
+    torch.testing.assert_close(gtpo.tokens, grpo.tokens, atol=1e-6, rtol=0)
+
+
+def test_global_scope_pools_the_whole_batch():
+    # Two groups of one trajectory each: per group nothing to compare (0), but the global
+    # reading pools the batch's 3 turn returns [0.9, 1.0, 0.0]: mean 0.633333, std 0.550757.
+    rows = [[0.0, 1.0], [0.0]]
+    close(_gtpo_turns(rows, groups=[0, 1]), [[0.0, 0.0], [0.0, 0.0]])
+    close(_gtpo_turns(rows, groups=[0, 1], cfg=GTPOConfig(norm_scope="global")),
+          [[0.484182, 0.665750], [-1.149932, 0.0]])
