@@ -1,23 +1,28 @@
-"""GTPO vs GRPO vs PPO, and GTPO without each of its three ideas, at a scale 2 CPU cores can answer.
+"""GTPO vs GRPO vs PPO, with GTPO's ablations and stabilisers, at a scale 2 CPU cores can answer.
 
 The paper's question (arXiv 2511.14846: GTPO +3.0 points over GRPO) asked of a tiny model on a
-narrow TIR task (``benchmarks/warmup.py``): one shared warm-up checkpoint, then every method
-trains from it with the same sample budget (iterations x prompts x samples per prompt) for
-several seeds, and held-out accuracy is measured along the way.
+narrow TIR task (``benchmarks/warmup.py``). One deterministic warm-up checkpoint (its weights'
+sha256 is recorded) is the start of every run, and every run gets the same budget: the same
+samples per iteration, the same optimizer steps (one epoch of the same minibatches, PPO too) and
+the same evaluation. Two phases:
 
-    python benchmarks/compare.py             # the committed comparison (~40 min on 2 quiet cores)
+1. ``sweep``: each base algorithm (GTPO, GRPO, PPO) at several learning rates, scored on the
+   validation problems (``algos.warmup.heldout_ids(..., split="validation")``); the best rate
+   of each is kept. Nothing is tuned on the test problems.
+2. ``main``: every method at its algorithm's best rate, several seeds, scored on the test
+   problems. Seed k of every method starts from the same checkpoint, samples the same first
+   prompts and evaluates with the same sampling seed, so differences are paired by seed.
+
+    python benchmarks/compare.py             # sweep, then the main comparison (resumable)
     python benchmarks/compare.py --smoke     # minutes, into a temp dir: a check, not a result
 
-Held-out accuracy is pass@1 sampled at temperature 1 (the policy RL trains, not its greedy mode:
-the warm-up model's greedy answer is already its most common one), over fixed problems whose
-seeds training never draws. Seed k of every method starts from the same checkpoint, samples the
-same first prompts and evaluates with the same sampling seed, so differences between methods are
-paired by seed.
+Held-out accuracy is pass@1 sampled at temperature 1 (the policy RL trains, not its greedy mode),
+8 samples of each of 64 problems. A run's score is the mean of its last 3 evaluations, which
+averages out the noise of any single one.
 
-Each (method, seed) run is one file under ``runs/``, written when the run ends; rerunning the
-command reads finished runs back and does only the missing ones. Writes ``results.json``,
-``compare.md`` and ``curves.png`` into the output directory
-(default ``benchmarks/results/compare/``).
+Each run is one file under ``runs/``, written when it ends; rerunning reads finished runs back
+and does only the missing ones. Writes ``results.json``, ``compare.md`` and ``curves.png`` into
+the output directory (default ``benchmarks/results/compare/``).
 """
 
 from __future__ import annotations
@@ -43,56 +48,79 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.warmup import (
+from algos.warmup import heldout_ids  # noqa: E402
+from benchmarks.warmup import (  # noqa: E402
     KINDS,
     SYSTEM_PROMPT,
     TrainProblems,
     WarmupConfig,
-    heldout_ids,
     warmup_checkpoint,
 )
 
 logger = logging.getLogger("benchmarks.compare")
 
+BASE = ("gtpo", "grpo", "ppo")
+"""The algorithms whose learning rate the sweep picks; every other method uses its base's."""
+
 METHODS: dict[str, tuple[str, dict]] = {
     "gtpo": ("gtpo", {}),
-    "gtpo-no-turn-rewards": ("gtpo", {"turn_rewards": False}),
-    "gtpo-gamma1": ("gtpo", {"gamma": 1.0}),
-    "gtpo-no-shaping": ("gtpo", {"shaping": False}),
-    # The paper's GRPO baseline: min(accuracy, format) per trajectory.
+    # The paper's GRPO baseline: min(accuracy, format) per trajectory, binary format term.
     "grpo": ("grpo", {"trajectory_reward": "min_acc_format"}),
-    # PPO's baseline is its critic: the same trajectories per iteration as distinct prompts, and
-    # its own default of 2 update epochs (a value head learns nothing from one pass).
+    # PPO's baseline is its critic: the same trajectories per iteration, as distinct prompts.
     "ppo": ("ppo", {}),
+    # GTPO without each of its ideas, and the other readings of its normalisation.
+    "gtpo-scope-group": ("gtpo", {"norm_scope": "group"}),
+    "gtpo-scope-global": ("gtpo", {"norm_scope": "global"}),
+    "gtpo-gamma1": ("gtpo", {"gamma": 1.0}),
+    "gtpo-no-turn-rewards": ("gtpo", {"turn_rewards": False}),
+    "gtpo-no-shaping": ("gtpo", {"shaping": False}),
+    # GRPO with the summed format penalty instead of the paper's binary format term.
+    "grpo-penalty": ("grpo", {"trajectory_reward": "min_acc_penalty"}),
+    # Stabilisers on top of GTPO.
+    "gtpo+void-filter": ("gtpo", {"void_turn_filter": True}),
+    "gtpo+drop-flat-groups": ("gtpo", {"zero_variance_groups": "drop"}),
+    "gtpo+clip-higher": ("gtpo", {"clip_high": 0.28}),
+    "gtpo+kl": ("gtpo", {"kl_coef": 0.01}),
+    "gtpo+lr-warmup": ("gtpo", {"lr_warmup_steps": 10}),
+    "gtpo-no-grad-clip": ("gtpo", {"max_grad_norm": 1e6}),
 }
-"""Method name -> (registered algorithm, config overrides on top of ``Budget``'s shared ones)."""
+"""Method name -> (registered algorithm, config overrides on top of ``Budget``'s shared ones).
+``gtpo-no-grad-clip``'s bound of 1e6 is far above any gradient norm these runs see."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """What every (method, seed) run gets: the same samples, updates and evaluation."""
+    """What every run gets: the same samples, optimizer steps and evaluation."""
 
-    iterations: int = 80
+    iterations: int = 30
     prompts: int = 8
     group_size: int = 4
     """Samples per prompt (GRPO/GTPO groups). PPO draws prompts x group_size distinct prompts."""
     minibatch_size: int = 16
-    lr: float = 5e-4
-    eval_every: int = 10
+    update_epochs: int = 1
+    """One pass for every method, so each takes batch / minibatch_size = 2 steps an iteration."""
+    eval_at: tuple[int, ...] = (10, 20, 25, 30)
+    """Iterations after which held-out accuracy is measured (iteration 0 too, once per seed)."""
+    scored_evals: int = 3
+    """A run's score: the mean pass@1 of its last this-many evaluations."""
     heldout_per_kind: int = 32
-    eval_samples: int = 2
+    eval_samples: int = 8
     max_new_tokens: int = 64
     max_turns: int = 2
     max_total_tokens: int = 320
-    seeds: int = 3
+    sweep_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    sweep_seeds: int = 1
+    sweep_eval_samples: int = 4
+    """Samples per validation problem in the sweep: it only has to rank rates, at half the cost."""
+    seeds: int = 5
 
-    def config(self, method: str, seed: int):
-        """The algorithm config of ``method`` for ``seed``."""
+    def config(self, method: str, seed: int, lr: float):
+        """The algorithm config of ``method`` for ``seed`` at learning rate ``lr``."""
         from algos.config import GRPOConfig, GTPOConfig, PPOConfig
 
         algo, overrides = METHODS[method]
-        shared = dict(seed=seed, lr=self.lr, minibatch_size=self.minibatch_size,
-                      grad_accum_steps=1, **overrides)
+        shared = dict(seed=seed, lr=lr, minibatch_size=self.minibatch_size, grad_accum_steps=1,
+                      update_epochs=self.update_epochs, **overrides)
         if algo == "ppo":
             return PPOConfig(prompts_per_iteration=self.prompts * self.group_size, group_size=1,
                              **shared)
@@ -101,39 +129,52 @@ class Budget:
                             **shared)
 
     def run_key(self) -> dict:
-        """What a run's result depends on: everything but the number of seeds, so a comparison
-        can be extended with more seeds and keep its finished runs."""
+        """What a run's result depends on: everything but the seed counts and the sweep's
+        grid, so a comparison can be extended and keep its finished runs."""
         key = dataclasses.asdict(self)
-        del key["seeds"]
-        return key
+        for name in ("seeds", "sweep_seeds", "sweep_lrs"):
+            del key[name]
+        return json.loads(json.dumps(key))  # as it reads back from a record (tuples as lists)
 
     def eval_points(self) -> list[int]:
-        return sorted({0, *range(self.eval_every, self.iterations, self.eval_every),
-                       self.iterations})
+        return [0, *self.eval_at]
 
 
-# Sized from probes on the shared 2-core machine (2026-11-25, 1 thread per run): the 12-epoch
-# warm-up takes 7.6-10 min wall and starts at ~28% held-out pass@1. The committed run shared the
-# cores with other jobs (load 4-6): 466-742 s per GTPO/GRPO run, ~1,300 s per PPO run, ~2 h in
-# all; PPO's last seed, alone at load 1, took 356 s. That puts the whole comparison at ~40 min on
-# 2 quiet cores with --jobs 2: an estimate from those timings, not a timed quiet run.
+# Sized from probes on the shared 2-core machine (2026-12-05, 1 thread per run, load ~2):
+# one evaluation of 64 problems x 8 samples ~60-70 s, one training iteration ~5-8 s (PPO ~12 s).
 DEFAULT = (Budget(), WarmupConfig())
 SMOKE = (
-    Budget(iterations=2, prompts=2, group_size=2, minibatch_size=4, eval_every=1,
-           heldout_per_kind=1, eval_samples=1, max_new_tokens=32, seeds=2),
+    Budget(iterations=2, prompts=2, group_size=2, minibatch_size=4, eval_at=(1, 2),
+           scored_evals=2, heldout_per_kind=1, eval_samples=1, max_new_tokens=32,
+           sweep_lrs=(1e-4, 1e-3), sweep_eval_samples=1, seeds=2),
     WarmupConfig(traces=32, epochs=1),
 )
 
 TRAIN_KEYS = ("reward/mean", "accuracy", "turns/mean", "tool_call_rate", "exec_error_rate",
-              "time/rollout_s", "time/update_s")
+              "groups/all_correct", "groups/no_signal", "adv/correct_code_turns_negative",
+              "void_rate", "update/steps", "grad_norm", "time/rollout_s", "time/update_s")
 EVAL_KEYS = ("pass@1", "mean_turns", "tool_call_rate", "code_error_rate", "samples")
 
 
 # ------------------------------------------------------------------------------------ runs
 
 
-def run_path(out: Path, method: str, seed: int) -> Path:
-    return out / "runs" / method / f"seed{seed}.json"
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: a method at a learning rate and seed, scored on a split."""
+
+    phase: str  # sweep | main
+    method: str
+    seed: int
+    lr: float
+
+    @property
+    def split(self) -> str:
+        return "validation" if self.phase == "sweep" else "test"
+
+    def path(self, out: Path) -> Path:
+        lr = f"/lr{self.lr:g}" if self.phase == "sweep" else ""
+        return out / "runs" / self.phase / f"{self.method}{lr}" / f"seed{self.seed}.json"
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -144,37 +185,55 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def read_finished(path: Path, budget: Budget) -> dict | None:
-    """A finished run's record, if it was made with this budget (another budget is an error)."""
+def read_finished(path: Path, budget: Budget, lr: float | None = None) -> dict | None:
+    """A finished run's record, if it was made with this budget (and learning rate); another
+    budget or rate is an error, not a silent reuse."""
     if not path.exists():
         return None
     record = json.loads(path.read_text())
     if record["budget"] != budget.run_key():
         raise ValueError(f"{path} was made with another budget ({record['budget']}); "
                          "use another --out or delete it")
+    if lr is not None and "lr" in record and record["lr"] != lr:
+        raise ValueError(f"{path} was trained at lr {record['lr']}, not {lr}; "
+                         "the sweep chose another rate: delete it to rerun")
     return record
 
 
-def evaluate(agent, budget: Budget) -> dict:
-    summary = agent.evaluate(heldout_ids(budget.heldout_per_kind), samples=budget.eval_samples,
-                             temperature=1.0)
+def problems(budget: Budget, split: str) -> list[str]:
+    return heldout_ids(KINDS, budget.heldout_per_kind, split)
+
+
+def evaluate(agent, budget: Budget, split: str) -> dict:
+    samples = budget.sweep_eval_samples if split == "validation" else budget.eval_samples
+    summary = agent.evaluate(problems(budget, split), samples=samples, temperature=1.0)
     return {key: summary[key] for key in EVAL_KEYS}
 
 
-def start_eval(agent, out: Path, seed: int, budget: Budget) -> dict:
+def start_eval(agent, out: Path, seed: int, budget: Budget, split: str) -> dict:
     """Held-out accuracy of the warm-up model with seed ``seed``'s sampling: the same for every
-    method, so it is measured once per seed and shared."""
-    path = out / "runs" / "start" / f"seed{seed}.json"
+    method, so it is measured once per (split, seed) and shared."""
+    path = out / "runs" / "start" / split / f"seed{seed}.json"
     record = read_finished(path, budget)
     if record is None:
-        record = {"budget": budget.run_key(), "eval": evaluate(agent, budget)}
+        record = {"budget": budget.run_key(), "eval": evaluate(agent, budget, split)}
         write_json(path, record)
     return record["eval"]
 
 
-def train_run(method: str, seed: int, checkpoint: str, out: str, budget: Budget,
-              threads: int) -> dict:
-    """One (method, seed) run from the warm-up checkpoint; its record is written to ``runs/``."""
+def score(curve: list[dict], budget: Budget) -> dict:
+    """A run's numbers from its evaluations: the score (mean of the last ``scored_evals``),
+    the peak, and the code-error rate over the scored evaluations."""
+    scored = curve[-budget.scored_evals:]
+    return {
+        "final": float(np.mean([p["pass@1"] for p in scored])),
+        "peak": max(p["pass@1"] for p in curve[1:]),
+        "code_error_rate": float(np.mean([p["code_error_rate"] for p in scored])),
+    }
+
+
+def train_run(run: Run, checkpoint: str, out: str, budget: Budget, threads: int) -> dict:
+    """One run from the warm-up checkpoint; its record is written to ``runs/``."""
     import torch
 
     import algos
@@ -182,32 +241,33 @@ def train_run(method: str, seed: int, checkpoint: str, out: str, budget: Budget,
 
     torch.set_num_threads(threads)
     out_dir = Path(out)
-    path = run_path(out_dir, method, seed)
     started = time.perf_counter()
     rollout = RolloutConfig(max_new_tokens=budget.max_new_tokens, max_turns=budget.max_turns,
                             max_total_tokens=budget.max_total_tokens, temperature=1.0)
-    torch.manual_seed(seed)  # PPO's value head is initialised here
-    algo = METHODS[method][0]
-    with algos.make(algo, checkpoint, "TIR-Math-v0", budget.config(method, seed), rollout=rollout,
+    torch.manual_seed(run.seed)  # PPO's value head is initialised here
+    algo = METHODS[run.method][0]
+    config = budget.config(run.method, run.seed, run.lr)
+    with algos.make(algo, checkpoint, "TIR-Math-v0", config, rollout=rollout,
                     env_kwargs={"problems": TrainProblems(), "system_prompt": SYSTEM_PROMPT}) as agent:
-        curve = [{"iteration": 0, **start_eval(agent, out_dir, seed, budget)}]
+        curve = [{"iteration": 0, **start_eval(agent, out_dir, run.seed, budget, run.split)}]
         train = []
-        points = set(budget.eval_points())
+        points = set(budget.eval_at)
         for iteration in range(1, budget.iterations + 1):
             metrics = agent.train_iteration()
             agent.log(metrics)
-            train.append({"iteration": iteration, **{k: metrics[k] for k in TRAIN_KEYS}})
+            train.append({"iteration": iteration, **{k: metrics.get(k) for k in TRAIN_KEYS}})
             if iteration in points:
-                curve.append({"iteration": iteration, **evaluate(agent, budget)})
-                logger.info("%s seed %d iteration %d: held-out pass@1 %.3f",
-                            method, seed, iteration, curve[-1]["pass@1"])
+                curve.append({"iteration": iteration, **evaluate(agent, budget, run.split)})
+                logger.info("%s %s lr %g seed %d iteration %d: %s pass@1 %.3f", run.phase,
+                            run.method, run.lr, run.seed, iteration, run.split,
+                            curve[-1]["pass@1"])
     record = {
-        "method": method, "algo": algo, "seed": seed, "budget": budget.run_key(),
-        "config": budget.config(method, seed).to_dict(), "curve": curve, "train": train,
-        "final": curve[-1]["pass@1"], "seconds": time.perf_counter() - started,
+        **dataclasses.asdict(run), "algo": algo, "split": run.split, "budget": budget.run_key(),
+        "config": config.to_dict(), "curve": curve, "train": train, **score(curve, budget),
+        "start": curve[0]["pass@1"], "seconds": time.perf_counter() - started,
         "load_average_1min_end": os.getloadavg()[0],
     }
-    write_json(path, record)
+    write_json(run.path(out_dir), record)
     return record
 
 
@@ -215,44 +275,68 @@ def _worker_init(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _collect(runs: dict, finished, total: int) -> None:
-    for done, ((method, seed), record) in enumerate(finished, 1):
-        runs[method][seed] = record
-        logger.info("run %d/%d done: %s seed %d, held-out pass@1 %.3f in %.0f s",
-                    done, total, method, seed, record["final"], record["seconds"])
+def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: int,
+            threads: int) -> dict[Run, dict]:
+    """Every run, ``jobs`` at a time in fresh processes (``jobs=1``: here); finished ones are
+    read back instead."""
+    records: dict[Run, dict] = {}
+    missing = []
+    for run in todo:
+        record = read_finished(run.path(out), budget, run.lr)
+        if record is None:
+            missing.append(run)
+        else:
+            records[run] = record
+    logger.info("%d runs finished before, %d to do", len(records), len(missing))
 
+    def done(run: Run, record: dict) -> None:
+        records[run] = record
+        logger.info("run %d/%d done: %s %s lr %g seed %d, %s score %.3f in %.0f s",
+                    len(records), len(todo), run.phase, run.method, run.lr, run.seed,
+                    run.split, record["final"], record["seconds"])
 
-def run_all(methods: list[str], seeds: list[int], checkpoint: Path, out: Path, budget: Budget,
-            jobs: int, threads: int) -> dict[str, dict[int, dict]]:
-    """Every (method, seed) run, ``jobs`` at a time in fresh processes (``jobs=1``: here);
-    finished ones are read back instead."""
-    runs: dict[str, dict[int, dict]] = {m: {} for m in methods}
-    todo = []
-    for seed in seeds:  # seed-major: a stopped comparison has every method at its first seeds
-        for method in methods:
-            record = read_finished(run_path(out, method, seed), budget)
-            if record is None:
-                todo.append((method, seed))
-            else:
-                runs[method][seed] = record
-    logger.info("%d runs finished before, %d to do", sum(map(len, runs.values())), len(todo))
     if jobs == 1:  # in this process: no worker start-up (a smoke run is mostly start-up)
-        results = (train_run(m, s, str(checkpoint), str(out), budget, threads) for m, s in todo)
-        _collect(runs, zip(todo, results), len(todo))
-        return runs
+        for run in missing:
+            done(run, train_run(run, str(checkpoint), str(out), budget, threads))
+        return records
     # spawn: each run gets a clean process (no forked torch thread pools or sandbox handles).
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=jobs, mp_context=context, initializer=_worker_init,
         initargs=(logging.getLogger().level,),
     ) as pool:
-        futures = {
-            pool.submit(train_run, method, seed, str(checkpoint), str(out), budget, threads):
-            (method, seed) for method, seed in todo
-        }
-        done = concurrent.futures.as_completed(futures)
-        _collect(runs, ((futures[f], f.result()) for f in done), len(todo))
-    return runs
+        futures = {pool.submit(train_run, run, str(checkpoint), str(out), budget, threads): run
+                   for run in missing}
+        for future in concurrent.futures.as_completed(futures):
+            done(futures[future], future.result())
+    return records
+
+
+def sweep_runs(budget: Budget, algos: list[str]) -> list[Run]:
+    return [Run("sweep", method, seed, lr) for seed in range(budget.sweep_seeds)
+            for lr in budget.sweep_lrs for method in algos]
+
+
+def best_lrs(records: dict[Run, dict]) -> dict[str, dict]:
+    """Per base algorithm: each swept rate's validation score (mean over sweep seeds) and the
+    best one."""
+    table: dict[str, dict[float, list[float]]] = {}
+    for run, record in records.items():
+        table.setdefault(run.method, {}).setdefault(run.lr, []).append(record["final"])
+    out = {}
+    for method, by_lr in table.items():
+        means = {lr: float(np.mean(v)) for lr, v in sorted(by_lr.items())}
+        out[method] = {"validation": {f"{lr:g}": m for lr, m in means.items()},
+                       "best_lr": max(means, key=means.get)}
+    return out
+
+
+def main_runs(budget: Budget, methods: list[str], lrs: dict[str, float], seeds: int,
+              seeds_by_method: dict[str, int]) -> list[Run]:
+    """Seed-major: a stopped comparison has every method at its first seeds."""
+    return [Run("main", method, seed, lrs[METHODS[method][0]])
+            for seed in range(seeds) for method in methods
+            if seed < seeds_by_method.get(method, seeds)]
 
 
 # ------------------------------------------------------------------------------------ report
@@ -272,28 +356,33 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float |
 
 
 def summarize(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """Per method: final accuracy per seed, its mean and 95% t-interval, and the mean curve."""
+    """Per method: score per seed, its mean and 95% t-interval, peak, the share of seeds that
+    ended below their start, the code-error rate, and the mean curve."""
     summary = {}
     for method, by_seed in runs.items():
         if not by_seed:
             continue
         seeds = sorted(by_seed)
-        finals = [by_seed[s]["final"] for s in seeds]
+        rows = [by_seed[s] for s in seeds]
+        finals = [r["final"] for r in rows]
         mean, low, high = t_interval(finals)
-        iterations = [p["iteration"] for p in by_seed[seeds[0]]["curve"]]
-        curves = np.array([[p["pass@1"] for p in by_seed[s]["curve"]] for s in seeds])
+        iterations = [p["iteration"] for p in rows[0]["curve"]]
+        curves = np.array([[p["pass@1"] for p in r["curve"]] for r in rows])
         summary[method] = {
-            "seeds": seeds, "final": finals, "mean": mean, "ci95": [low, high],
-            "start": float(np.mean(curves[:, 0])),
+            "seeds": seeds, "lr": rows[0]["lr"], "final": finals, "mean": mean,
+            "ci95": [low, high], "start": float(np.mean([r["start"] for r in rows])),
+            "peak": float(np.mean([r["peak"] for r in rows])),
+            "below_start": float(np.mean([r["final"] < r["start"] for r in rows])),
+            "code_error_rate": float(np.mean([r["code_error_rate"] for r in rows])),
             "curve": {"iteration": iterations, "mean": curves.mean(0).tolist(),
                       "min": curves.min(0).tolist(), "max": curves.max(0).tolist()},
-            "seconds": [by_seed[s]["seconds"] for s in seeds],
+            "seconds": [r["seconds"] for r in rows],
         }
     return summary
 
 
 def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str) -> dict | None:
-    """``a - b`` in final accuracy over the seeds both finished (paired: same start, prompts,
+    """``a - b`` in score over the seeds both finished (paired: same start, prompts,
     evaluation seed)."""
     if a not in runs or b not in runs:
         return None
@@ -348,25 +437,44 @@ def machine_info(started: float, load_start: tuple[float, ...]) -> dict:
 def write_markdown(path: Path, results: dict, title: str) -> None:
     budget, machine, summary = results["budget"], results["machine"], results["summary"]
     warm = results["warmup"]
+    n_problems = budget["heldout_per_kind"] * len(KINDS)
     lines = [
         f"# {title}", "",
         (f"Tiny Llama ({warm['parameters']:,} parameters) warmed up on {warm['traces']['traces']} "
-        f"synthetic traces ({100 * warm['traces']['correct_rate']:.0f}% of them correct), then "
-        f"trained by each method for {budget['iterations']} iterations x {budget['prompts']} "
-        f"prompts x {budget['group_size']} samples (PPO: {budget['prompts'] * budget['group_size']}"
-        f" prompts x 1) on procedural kinds {', '.join(KINDS)}."),
-        (f"Held-out: {budget['heldout_per_kind'] * len(KINDS)} fixed problems never trained on, "
-         f"pass@1 sampled at temperature 1 ({budget['eval_samples']} per problem)."), "",
-        "| method | seeds | start | final (mean) | 95% CI (t) | per seed |",
-        "|---|---|---|---|---|---|",
+         f"synthetic traces ({100 * warm['traces']['correct_rate']:.0f}% of them correct; weights "
+         f"sha256 `{warm.get('weights_sha256', 'n/a')[:16]}`), then trained by each method for "
+         f"{budget['iterations']} iterations x {budget['prompts']} prompts x "
+         f"{budget['group_size']} samples (PPO: {budget['prompts'] * budget['group_size']} "
+         f"prompts x 1), {budget['update_epochs']} epoch of {budget['minibatch_size']}-trajectory "
+         f"minibatches each, on procedural kinds {', '.join(KINDS)}."),
+        (f"Score: held-out pass@1 on {n_problems} test problems never trained on, "
+         f"{budget['eval_samples']} samples each at temperature 1, averaged over the evaluations "
+         f"after iterations {', '.join(map(str, budget['eval_at'][-budget['scored_evals']:]))}."),
+        "",
+        "## Learning rates (validation split)", "",
+        "| algorithm | " + " | ".join(f"lr {lr:g}" for lr in budget["sweep_lrs"]) + " | chosen |",
+        "|---|" + "---|" * (len(budget["sweep_lrs"]) + 1),
+    ]
+    for algo, row in results["lr_sweep"].items():
+        cells = [f"{100 * row['validation'][f'{lr:g}']:.1f}" if f"{lr:g}" in row["validation"]
+                 else "-" for lr in budget["sweep_lrs"]]
+        lines.append(f"| {algo} | " + " | ".join(cells) + f" | {row['best_lr']:g} |")
+    lines += [
+        "", "## Test split", "",
+        "| method | lr | seeds | start | score (mean) | 95% CI (t) | peak | ended below start "
+        "| code errors | per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, row in summary.items():
         low, high = row["ci95"]
         ci = "n/a" if low is None else f"[{100 * low:.1f}, {100 * high:.1f}]"
         per_seed = ", ".join(f"{100 * v:.1f}" for v in row["final"])
-        lines.append(f"| {method} | {len(row['seeds'])} | {100 * row['start']:.1f} | "
-                     f"{100 * row['mean']:.1f} | {ci} | {per_seed} |")
-    lines += ["", "Accuracies in %.", "", f"**{results['verdict']}**", ""]
+        lines.append(
+            f"| {method} | {row['lr']:g} | {len(row['seeds'])} | {100 * row['start']:.1f} | "
+            f"{100 * row['mean']:.1f} | {ci} | {100 * row['peak']:.1f} | "
+            f"{100 * row['below_start']:.0f}% | {100 * row['code_error_rate']:.1f}% | {per_seed} |")
+    lines += ["", "Accuracies in %.", "", f"**{results['verdict']}**", "",
+              "Paired differences against GRPO (same seeds):", ""]
     for name, diff in results["paired"].items():
         if diff is not None and diff["ci95"][0] is not None:
             lines.append(f"- {name}: {100 * diff['mean']:+.1f} points, 95% CI "
@@ -376,27 +484,29 @@ def write_markdown(path: Path, results: dict, title: str) -> None:
     lines += [
         "", "![learning curves](curves.png)", "",
         (f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
-        f"commit {machine['commit']}; {machine['date']}. Load average (1/5/15 min) "
-        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the start, "
-        f"{machine['load_average_end'][0]:.1f} at the end (other jobs shared the machine when it "
-        f"is above the core count). Run time per (method, seed): "
+         f"commit {machine['commit']}; {machine['date']}. Load average (1/5/15 min) "
+         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the start, "
+         f"{machine['load_average_end'][0]:.1f} at the end (other jobs shared the machine when it "
+         f"is above the core count). Run time per run: "
          f"{results['seconds_per_run_median']:.0f} s median."), "",
     ]
     path.write_text("\n".join(lines))
 
 
 def plot(path: Path, summary: dict, title: str) -> None:
-    """Held-out pass@1 against iteration: mean over seeds, min-max band; baselines on the left,
-    GTPO's ablations on the right."""
+    """Held-out pass@1 against iteration: mean over seeds, min-max band; baselines, GTPO's
+    ablations and its stabilisers in three panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("GTPO vs GRPO vs PPO", ("gtpo", "grpo", "ppo")),
-              ("GTPO ablations", ("gtpo", "gtpo-no-turn-rewards", "gtpo-gamma1",
-                                  "gtpo-no-shaping"))]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    panels = [("GTPO vs GRPO vs PPO", ("gtpo", "grpo", "ppo", "grpo-penalty")),
+              ("GTPO ablations", ("gtpo", "gtpo-scope-group", "gtpo-scope-global",
+                                  "gtpo-gamma1", "gtpo-no-turn-rewards", "gtpo-no-shaping")),
+              ("GTPO stabilisers", ("gtpo", *[m for m in METHODS if m.startswith("gtpo+")],
+                                    "gtpo-no-grad-clip"))]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     for ax, (name, methods) in zip(axes, panels):
         for method in methods:
             if method not in summary:
@@ -405,15 +515,15 @@ def plot(path: Path, summary: dict, title: str) -> None:
             line, = ax.plot(c["iteration"], [100 * v for v in c["mean"]], marker="o",
                             label=f"{method} (n={len(summary[method]['seeds'])})")
             ax.fill_between(c["iteration"], [100 * v for v in c["min"]],
-                            [100 * v for v in c["max"]], color=line.get_color(), alpha=0.15)
+                            [100 * v for v in c["max"]], color=line.get_color(), alpha=0.12)
         ax.set_title(name)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("held-out pass@1 (%), T=1; band = min-max over seeds")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test pass@1 (%), T=1; band = min-max over seeds")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -426,8 +536,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a minutes-long run into a temp dir (a check, not a result)")
     parser.add_argument("--out", type=Path, help="output dir (default: benchmarks/results/"
                         "compare, or a temp dir with --smoke)")
+    parser.add_argument("--phase", choices=("sweep", "main", "all"), default="all",
+                        help="sweep: learning rates on the validation split; main: methods on "
+                        "the test split at the chosen rates (needs the sweep); all: both")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the budget's)")
+    parser.add_argument("--method-seeds", nargs="*", default=[], metavar="METHOD=N",
+                        help="fewer seeds for some methods, e.g. gtpo+kl=3")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs in parallel, one process each (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1,
@@ -442,6 +557,12 @@ def main(argv: list[str] | None = None) -> dict:
     budget, warmup = SMOKE if args.smoke else DEFAULT
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=args.seeds)
+    seeds_by_method = {}
+    for item in args.method_seeds:
+        method, _, n = item.partition("=")
+        if method not in METHODS or not n.isdigit():
+            parser.error(f"--method-seeds takes METHOD=N with a known method, got {item!r}")
+        seeds_by_method[method] = int(n)
     out = args.out or (Path(tempfile.gettempdir()) / "tir-compare-smoke" if args.smoke
                        else ROOT / "benchmarks" / "results" / "compare")
     out.mkdir(parents=True, exist_ok=True)
@@ -449,24 +570,36 @@ def main(argv: list[str] | None = None) -> dict:
              else "Algorithm comparison: GTPO vs GRPO vs PPO on a tiny TIR task")
 
     checkpoint = warmup_checkpoint(out, warmup)
-    runs = run_all(args.methods, list(range(budget.seeds)), checkpoint, out, budget,
-                   args.jobs, args.threads)
+    swept = [m for m in BASE if any(METHODS[x][0] == m for x in args.methods)]
+    sweep = run_all(sweep_runs(budget, swept), checkpoint, out, budget, args.jobs, args.threads)
+    lr_sweep = best_lrs(sweep)
+    runs: dict[str, dict[int, dict]] = {}
+    if args.phase != "sweep":
+        lrs = {algo: row["best_lr"] for algo, row in lr_sweep.items()}
+        todo = main_runs(budget, args.methods, lrs, budget.seeds, seeds_by_method)
+        for run, record in run_all(todo, checkpoint, out, budget, args.jobs,
+                                   args.threads).items():
+            runs.setdefault(run.method, {})[run.seed] = record
+        runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
     summary = summarize(runs)
-    paired = {f"{a} - grpo": paired_difference(runs, a, "grpo")
-              for a in args.methods if a != "grpo"}
+    paired = {f"{a} - grpo": paired_difference(runs, a, "grpo") for a in runs if a != "grpo"}
     results = {
         "title": title,
         "budget": dataclasses.asdict(budget),
         "warmup": json.loads((checkpoint.parent / "warmup.json").read_text()),
-        "heldout": {"problems": heldout_ids(budget.heldout_per_kind),
-                    "sampling": f"temperature 1, {budget.eval_samples} samples, pass@1"},
+        "problems": {split: problems(budget, split) for split in ("validation", "test")},
+        "sampling": (f"temperature 1, pass@1 from {budget.eval_samples} samples per test problem "
+                     f"({budget.sweep_eval_samples} per validation problem)"),
         "methods": {m: dict(METHODS[m][1], algo=METHODS[m][0]) for m in args.methods},
-        "runs": {m: {str(s): r for s, r in sorted(by_seed.items())} for m, by_seed in runs.items()},
+        "lr_sweep": lr_sweep,
+        "sweep_runs": {f"{r.method}/lr{r.lr:g}/seed{r.seed}": rec for r, rec in sweep.items()},
+        "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
         "summary": summary,
         "paired": paired,
         "verdict": verdict(paired.get("gtpo - grpo")),
         "seconds_per_run_median": float(np.median(
-            [r["seconds"] for by_seed in runs.values() for r in by_seed.values()])),
+            [r["seconds"] for r in sweep.values()]
+            + [r["seconds"] for by_seed in runs.values() for r in by_seed.values()])),
         "machine": machine_info(started, load_start),
     }
     write_json(out / "results.json", results)

@@ -53,28 +53,45 @@ def test_t_interval_and_verdict():
                                        "ci95": [-0.09, -0.01]})
 
 
-def test_smoke_run_writes_report_and_resumes(tmp_path):
-    argv = ["--smoke", "--out", str(tmp_path), "--methods", "gtpo", "grpo", "--jobs", "1"]
+def test_smoke_run_sweeps_then_compares_writes_report_and_resumes(tmp_path):
+    argv = ["--smoke", "--out", str(tmp_path), "--methods", "gtpo", "grpo", "gtpo-gamma1",
+            "--method-seeds", "gtpo-gamma1=1", "--jobs", "1"]
     results = compare.main(argv)
 
     for name in ("results.json", "compare.md", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     budget = compare.SMOKE[0]
-    assert set(saved["runs"]) == {"gtpo", "grpo"}
+    # The sweep: each base algorithm at every rate, on the validation split only.
+    assert set(saved["lr_sweep"]) == {"gtpo", "grpo"}
+    for algo, row in saved["lr_sweep"].items():
+        assert set(row["validation"]) == {f"{lr:g}" for lr in budget.sweep_lrs}
+        assert row["best_lr"] == max(budget.sweep_lrs, key=lambda lr: row["validation"][f"{lr:g}"])
+    assert {r["split"] for r in saved["sweep_runs"].values()} == {"validation"}
+    assert not set(saved["problems"]["validation"]) & set(saved["problems"]["test"])
+    # The main phase: the chosen rate, the test split, every seed (fewer where asked).
+    assert set(saved["runs"]) == {"gtpo", "grpo", "gtpo-gamma1"}
+    assert set(saved["runs"]["gtpo-gamma1"]) == {"0"}
     for method in ("gtpo", "grpo"):
         assert set(saved["runs"][method]) == {str(s) for s in range(budget.seeds)}
         run = saved["runs"][method]["0"]
+        assert run["split"] == "test" and run["lr"] == saved["lr_sweep"][method]["best_lr"]
         assert [p["iteration"] for p in run["curve"]] == budget.eval_points()
         assert len(run["train"]) == budget.iterations
-        assert 0.0 <= run["final"] <= 1.0
+        assert run["train"][0]["update/steps"] <= budget.update_epochs * 1
+        assert "adv/correct_code_turns_negative" in run["train"][0]
+        scored = [p["pass@1"] for p in run["curve"][-budget.scored_evals:]]
+        assert run["final"] == pytest.approx(sum(scored) / len(scored))
+    assert saved["runs"]["gtpo-gamma1"]["0"]["lr"] == saved["lr_sweep"]["gtpo"]["best_lr"]
     # Seed k of every method starts from the same measured point.
     assert (saved["runs"]["gtpo"]["1"]["curve"][0] == saved["runs"]["grpo"]["1"]["curve"][0])
     assert saved["paired"]["gtpo - grpo"]["seeds"] == list(range(budget.seeds))
     assert "GRPO" in saved["verdict"] and "+3.0" in saved["verdict"]
     assert len(saved["machine"]["load_average_start"]) == 3
+    assert len(saved["warmup"]["weights_sha256"]) == 64
     markdown = (tmp_path / "compare.md").read_text()
     assert "| gtpo |" in markdown and "95% CI" in markdown and saved["verdict"] in markdown
+    assert "## Learning rates (validation split)" in markdown
 
     # Rerun: every finished run and the warm-up are read back, nothing is redone.
     runs = sorted((tmp_path / "runs").rglob("*.json"))
@@ -86,9 +103,12 @@ def test_smoke_run_writes_report_and_resumes(tmp_path):
     assert again["runs"] == results["runs"]
 
     # More seeds later reuse these runs; another budget or warm-up in the same dir is refused.
-    assert compare.read_finished(runs[0], compare.dataclasses.replace(budget, seeds=5)) is not None
-    other = compare.dataclasses.replace(budget, lr=budget.lr / 2)
+    main_run = tmp_path / "runs" / "main" / "gtpo" / "seed0.json"
+    assert compare.read_finished(main_run, compare.dataclasses.replace(budget, seeds=5)) is not None
+    other = compare.dataclasses.replace(budget, iterations=budget.iterations + 1)
     with pytest.raises(ValueError, match="another budget"):
-        compare.read_finished(runs[0], other)
+        compare.read_finished(main_run, other)
+    with pytest.raises(ValueError, match="trained at lr"):
+        compare.read_finished(main_run, budget, lr=0.5)
     with pytest.raises(ValueError, match="another warm-up config"):
         compare.main(["--out", str(tmp_path), "--methods", "gtpo", "--jobs", "1"])
