@@ -92,14 +92,14 @@ METHODS: dict[str, tuple[str, dict]] = {
 class Budget:
     """What every run gets: the same samples, optimizer steps and evaluation."""
 
-    iterations: int = 30
+    iterations: int = 20
     prompts: int = 8
     group_size: int = 4
     """Samples per prompt (GRPO/GTPO groups). PPO draws prompts x group_size distinct prompts."""
     minibatch_size: int = 16
     update_epochs: int = 1
     """One pass for every method, so each takes batch / minibatch_size = 2 steps an iteration."""
-    eval_at: tuple[int, ...] = (10, 20, 25, 30)
+    eval_at: tuple[int, ...] = (10, 15, 20)
     """Iterations after which held-out accuracy is measured (iteration 0 too, once per seed)."""
     scored_evals: int = 3
     """A run's score: the mean pass@1 of its last this-many evaluations."""
@@ -141,7 +141,8 @@ class Budget:
 
 
 # Sized from probes on the shared 2-core machine (2026-12-05, 1 thread per run, load ~2):
-# one evaluation of 64 problems x 8 samples ~60-70 s, one training iteration ~5-8 s (PPO ~12 s).
+# one evaluation of 64 problems x 8 samples ~60-70 s, one training iteration ~5-8 s (PPO ~12 s),
+# so a run costs ~5-6 min and the 12-epoch warm-up ~30 min at that load.
 DEFAULT = (Budget(), WarmupConfig())
 SMOKE = (
     Budget(iterations=2, prompts=2, group_size=2, minibatch_size=4, eval_at=(1, 2),
@@ -276,9 +277,9 @@ def _worker_init(level: int) -> None:
 
 
 def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: int,
-            threads: int) -> dict[Run, dict]:
+            threads: int, report_only: bool = False) -> dict[Run, dict]:
     """Every run, ``jobs`` at a time in fresh processes (``jobs=1``: here); finished ones are
-    read back instead."""
+    read back instead (and, with ``report_only``, only those)."""
     records: dict[Run, dict] = {}
     missing = []
     for run in todo:
@@ -288,6 +289,8 @@ def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: 
         else:
             records[run] = record
     logger.info("%d runs finished before, %d to do", len(records), len(missing))
+    if report_only:
+        return records
 
     def done(run: Run, record: dict) -> None:
         records[run] = record
@@ -543,6 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, help="seeds per method (default: the budget's)")
     parser.add_argument("--method-seeds", nargs="*", default=[], metavar="METHOD=N",
                         help="fewer seeds for some methods, e.g. gtpo+kl=3")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs finished so far; run nothing")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs in parallel, one process each (default 2: one per core)")
     parser.add_argument("--threads", type=int, default=1,
@@ -571,14 +576,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     checkpoint = warmup_checkpoint(out, warmup)
     swept = [m for m in BASE if any(METHODS[x][0] == m for x in args.methods)]
-    sweep = run_all(sweep_runs(budget, swept), checkpoint, out, budget, args.jobs, args.threads)
+    sweep = run_all(sweep_runs(budget, swept), checkpoint, out, budget, args.jobs, args.threads,
+                    args.report_only)
     lr_sweep = best_lrs(sweep)
     runs: dict[str, dict[int, dict]] = {}
     if args.phase != "sweep":
         lrs = {algo: row["best_lr"] for algo, row in lr_sweep.items()}
         todo = main_runs(budget, args.methods, lrs, budget.seeds, seeds_by_method)
-        for run, record in run_all(todo, checkpoint, out, budget, args.jobs,
-                                   args.threads).items():
+        for run, record in run_all(todo, checkpoint, out, budget, args.jobs, args.threads,
+                                   args.report_only).items():
             runs.setdefault(run.method, {})[run.seed] = record
         runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
     summary = summarize(runs)
