@@ -2,7 +2,8 @@
 
 Three changes to GRPO, each switchable in ``GTPOConfig`` for ablations:
 turn-level rewards straight from the env (``turn_rewards``), advantages from discounted turn
-returns normalised over the group's turns (``gamma``, ``norm_scope``; estimator ``gtpo``), and
+returns normalised within the group at each turn position (``gamma``, ``norm_scope``; estimator
+``gtpo``), and
 self-supervised shaping of failed trajectories by code similarity to the group's successes
 (``shaping``). The loop itself is the shared ``Agent``'s.
 """
