@@ -53,7 +53,6 @@ Dataset rows name their problem with ``problem_id`` (a column, or a key of ``ext
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from typing import Any
 from uuid import uuid4
@@ -146,14 +145,6 @@ def compute_gtpo_advantage(
     return advantages.to(device), token_returns.to(device)
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_sandbox(backend: str, options: tuple) -> Any:
-    """One sandbox per agent-loop worker process (each episode gets its own session)."""
-    from tir_envs.sandbox import make_sandbox
-
-    return make_sandbox(backend, **dict(options))
-
-
 @register("tir_agent")
 class TIRAgentLoop(AgentLoopBase):
     """One TIR episode per dataset row against verl's async LLM server.
@@ -174,16 +165,10 @@ class TIRAgentLoop(AgentLoopBase):
         self.max_turn_tokens = int(max_turn_tokens or self.response_length)
 
     def _make_env(self):
-        import gymnasium
+        from tir_envs.integrations import make_tir_env
 
-        import tir_envs  # noqa: F401  (registers the ids)
-
-        kwargs = dict(self.env_kwargs)
-        sandbox = _shared_sandbox(kwargs.pop("sandbox_backend", "local"),
-                                  tuple(sorted(kwargs.pop("sandbox_kwargs", {}).items())))
-        return gymnasium.make(self.env_id, tokenizer=self.tokenizer, sandbox=sandbox,
-                              max_turns=self.max_turns, max_episode_steps=self.max_turns,
-                              **kwargs)
+        return make_tir_env(self.env_id, tokenizer=self.tokenizer, max_turns=self.max_turns,
+                            **self.env_kwargs)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
         problem_id = kwargs.get("problem_id") or (kwargs.get("extra_info") or {}).get("problem_id")

@@ -1,0 +1,52 @@
+"""Env-side adapters: our TIR envs, with their sandbox and per-turn rewards, in other registries.
+
+One module per framework, each importable without the others, each behind its optional extra;
+importing one registers every id of ``tir_envs.ENV_IDS`` (``TIR-Math-v0``, ...) there:
+
+- ``tir_envs.integrations.skyrl`` (``pip install tir-gym[skyrl]``): ``skyrl_gym.make(id)``;
+- ``tir_envs.integrations.gem`` (``pip install tir-gym[gem]``): ``gem.make(id)``,
+  ``gem.make_vec([id] * n)``.
+
+Frameworks that build one env object per sample share one sandbox per process
+(:func:`shared_sandbox`); each episode still gets its own kernel session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+_SANDBOXES: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+
+def shared_sandbox(backend: str = "local", options: Mapping[str, Any] | None = None):
+    """The process's sandbox for ``(backend, options)``, made on first use, closed at exit."""
+    key = (backend, tuple(sorted((options or {}).items())))
+    with _LOCK:
+        sandbox = _SANDBOXES.get(key)
+        if sandbox is None:
+            from tir_envs.sandbox import make_sandbox
+
+            sandbox = _SANDBOXES[key] = make_sandbox(backend, **dict(options or {}))
+            atexit.register(sandbox.close)
+        return sandbox
+
+
+def make_tir_env(env_id: str, *, sandbox_backend: str = "local",
+                 sandbox_kwargs: Mapping[str, Any] | None = None, max_turns: int | None = None,
+                 **env_kwargs: Any):
+    """``gymnasium.make(env_id, ...)`` on the shared sandbox, with ``max_turns`` applied to both
+    the env and its ``TimeLimit``."""
+    import gymnasium
+
+    import tir_envs
+
+    turns = tir_envs.DEFAULT_MAX_TURNS if max_turns is None else int(max_turns)
+    return gymnasium.make(env_id, sandbox=shared_sandbox(sandbox_backend, sandbox_kwargs),
+                          max_turns=turns, max_episode_steps=turns, **env_kwargs)
+
+
+__all__ = ["make_tir_env", "shared_sandbox"]
