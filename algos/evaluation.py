@@ -104,3 +104,39 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     from dataclasses import replace
 
     return replace(params, seed=seed)
+
+
+def _correct_by_problem(records: list[dict]) -> dict[str, list[bool]]:
+    by_problem: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        if not r["infra_error"]:
+            by_problem[r["problem_id"]].append(bool(r["correct"]))
+    return by_problem
+
+
+def bootstrap_pass1(
+    records: list[dict], baseline: list[dict] | None = None, *, resamples: int = 2000,
+    level: float = 0.95, seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of pass@1, resampling problems (with all their samples):
+    samples of one problem are correlated, so problems, not samples, are the independent units.
+
+    With ``baseline`` (records of another model on the same problems), the interval is of the
+    paired difference ``pass@1(records) - pass@1(baseline)``.
+    """
+    by_problem = _correct_by_problem(records)
+    problems = sorted(by_problem)
+    scores = np.array([np.mean(by_problem[p]) for p in problems])
+    if baseline is not None:
+        base = _correct_by_problem(baseline)
+        missing = [p for p in problems if p not in base]
+        if missing or len(base) != len(problems):
+            raise ValueError("a paired interval needs both evaluations on the same problems")
+        scores = scores - np.array([np.mean(base[p]) for p in problems])
+    if not len(scores):
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = scores[rng.integers(len(scores), size=(resamples, len(scores)))].mean(1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)

@@ -324,3 +324,24 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
     return resolved
+
+
+def train_top_layers(model: PreTrainedModel, layers: int) -> int:
+    """Freeze all but the last ``layers`` transformer blocks and the final norm (embeddings and a
+    tied LM head freeze too); returns the number of trainable parameters.
+
+    Backpropagation then stops at the first trainable block, so on a CPU an update costs a little
+    more than a forward pass instead of three: the main job's way to afford more RL iterations.
+    """
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers to pick the top blocks from")
+    if not 1 <= layers <= len(blocks):
+        raise ValueError(f"layers must be in [1, {len(blocks)}], got {layers}")
+    model.requires_grad_(False)
+    for block in blocks[-layers:]:
+        block.requires_grad_(True)
+    norm = getattr(model.model, "norm", None)
+    if norm is not None:
+        norm.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
