@@ -11,8 +11,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
 
+# A killed `make train` continues where it stopped (warm-up, evaluations and RL checkpoints are
+# cached in runs/gtpo-TIR-Math-v0/); delete that directory to start over.
 train: setup
-	$(VENV)/bin/tir train --algo gtpo --env TIR-Math-v0
+	$(VENV)/bin/tir train --algo gtpo --env TIR-Math-v0 --resume
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import resource
 import time
 import tomllib
@@ -26,18 +27,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="tir-gym: train and evaluate language models on TIR environments.")
 logger = logging.getLogger("tir")
 
-# The main job's defaults: sized so `make train` finishes in about 15 minutes on 2 CPU cores.
+# The main job's defaults (`make train`): sized so it finishes within 15 minutes on 2 CPU cores,
+# warm-up and evaluations included. Short turns: the warmed-up model's turns are a one-line
+# program and a boxed number, and on a CPU sequence length is most of the cost.
 MAIN_JOB = {
     "prompts_per_iteration": 4,
     "group_size": 4,
     "minibatch_size": 8,
-    "grad_accum_steps": 4,
-    "lr": 2e-6,
-    "rollout.max_new_tokens": 128,
-    "rollout.max_turns": 3,
-    "rollout.max_total_tokens": 1024,
+    "grad_accum_steps": 2,
+    "lr": 3e-5,
+    "rollout.max_new_tokens": 48,
+    "rollout.max_turns": 2,
+    "rollout.max_total_tokens": 512,
     "rollout.temperature": 0.8,
 }
+MAIN_JOB_ALGO = {"gtpo": {"norm_scope": "turn"}}
+"""Per-algorithm main-job defaults: GTPO normalises returns per turn position."""
+MAIN_WARMUP = {
+    "kinds": ("digit_sum", "nth_prime"),
+    "traces": 128,
+    "epochs": 1,
+    "batch_size": 8,
+    "lr": 3e-4,
+}
+"""The main job's warm-up (``algos.warmup.WarmupConfig`` fields; ``--set warmup.<field>=...``)."""
+MAIN_JOB_RUN = {"iterations": 8, "eval_problems": 32, "eval_samples": 2, "train_layers": 8}
+"""The main job's run shape: RL iterations, held-out problems x samples (at the rollout
+temperature), and how many top transformer blocks train (0 = all)."""
+LIBRARY_RUN = {"iterations": 6, "eval_problems": 16, "eval_samples": 1, "train_layers": 0}
 
 
 def _coerce(field_type: Any, raw: str) -> Any:
@@ -139,73 +156,254 @@ def _setup(verbose: bool, threads: Optional[int] = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def split_warmup_sets(sets: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``--set warmup.<field>=value`` pairs (the warm-up's config) apart from the others."""
+    rest, warm = [], {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if sep and key.strip().startswith("warmup."):
+            warm[key.strip().removeprefix("warmup.")] = value.strip()
+        else:
+            rest.append(item)
+    return rest, warm
+
+
+def build_warmup_config(values: dict[str, Any], threads: Optional[int]):
+    """The warm-up's config: ``MAIN_WARMUP`` under ``--set warmup.<field>`` overrides."""
+    from algos.warmup import TraceMix, WarmupConfig
+
+    merged = {**MAIN_WARMUP, **values}
+    if "kinds" in values:
+        merged["kinds"] = tuple(k for k in values["kinds"].split(",") if k)
+    mix = {}
+    for name in ("wrong_code", "guess"):
+        if f"mix.{name}" in merged:
+            mix[name] = float(merged.pop(f"mix.{name}"))
+    merged = apply_overrides(WarmupConfig, {}, merged)
+    if "threads" not in merged:
+        import torch
+
+        merged["threads"] = threads or torch.get_num_threads()
+    try:
+        if mix:
+            merged["mix"] = TraceMix(**mix)
+        return WarmupConfig(**merged)
+    except (TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def evaluate_agent(agent, problem_ids: list[str], samples: int, temperature: float) -> dict:
+    """The agent's summary on ``problem_ids`` plus a 95% bootstrap interval of pass@1 and the
+    per-sample records (what paired intervals between two evaluations need)."""
+    from algos.evaluation import bootstrap_pass1, evaluate_problems, summarize
+
+    params = dataclasses.replace(agent.sampling_params(agent.config.seed), temperature=temperature)
+    records = evaluate_problems(agent.vec_env(), agent.generator, agent.tokenizer, problem_ids,
+                                params, samples=samples,
+                                max_total_tokens=agent.rollout.max_total_tokens)
+    summary = summarize(records)
+    summary["pass@1_ci95"] = list(bootstrap_pass1(records))
+    summary["temperature"] = temperature
+    summary["records"] = records
+    return summary
+
+
+def _cached_eval(path: Path, run: Any) -> dict:
+    """An evaluation saved in the run dir (a resumed run does not redo it), else ``run()``."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = run()
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 @app.command()
 def train(
     algo: Annotated[str, typer.Option(help="gtpo | grpo | ppo, or any registered algorithm")] = "gtpo",
     env: Annotated[str, typer.Option(help="a registered TIR env id")] = "TIR-Math-v0",
     model: Annotated[str, typer.Option(help="HF model dir, .gguf file or hub id")] = DEFAULT_MODEL,
-    iterations: Annotated[int, typer.Option(min=0)] = 6,
+    iterations: Annotated[Optional[int], typer.Option(
+        min=0, help="RL iterations (default: the main job's)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML config file")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override: key=value")] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option(
+        "--set", help="override: key=value, rollout.key=value or warmup.key=value",
+    )] = [],  # noqa: B006
     run_dir: Annotated[Optional[Path], typer.Option(help="default: runs/<algo>-<env>")] = None,
     resume: Annotated[bool, typer.Option(help="continue from run_dir's last checkpoint")] = False,
-    eval_problems: Annotated[int, typer.Option(min=0, help="held-out problems before/after")] = 16,
+    eval_problems: Annotated[Optional[int], typer.Option(
+        min=0, help="held-out problems before/after (default: the main job's)")] = None,
+    eval_samples: Annotated[Optional[int], typer.Option(
+        min=1, help="samples per held-out problem (default: the main job's)")] = None,
+    eval_temperature: Annotated[Optional[float], typer.Option(
+        min=0.0, help="0 = greedy (default: the rollout temperature)")] = None,
+    eval_split: Annotated[str, typer.Option(
+        help="test | validation: which held-out problems (tune on validation)")] = "test",
+    warmup: Annotated[Optional[bool], typer.Option(
+        help="supervised cold start before RL (default: on for the main job on TIR-Math-v0)",
+    )] = None,
+    train_layers: Annotated[Optional[int], typer.Option(
+        min=0, help="train only the top N transformer blocks (0 = all; default: the main job's)",
+    )] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
     progress: bool = True,
     verbose: bool = False,
 ) -> None:
-    """Train a model with an RL algorithm on a TIR env; report held-out accuracy before and after."""
+    """Train a model with an RL algorithm on a TIR env; report held-out accuracy before and after.
+
+    With ``--warmup`` (the main job's default on TIR-Math-v0) a supervised cold start
+    (``algos.warmup``) runs first on synthetic tool-use traces of the main job's procedural kinds,
+    RL trains on the same kinds, and the report has ``before``, ``after_warmup`` and ``after``,
+    all on the same held-out problems under the same protocol.
+    """
     _setup(verbose, threads)
     import algos
+    from algos.evaluation import bootstrap_pass1, heldout_problems, problem_source
+    from algos.models import load_policy, train_top_layers
 
-    defaults = MAIN_JOB if main_job_defaults else {}
-    algo_config, rollout = build_configs(algo, config, set_, defaults)
+    job = MAIN_JOB_RUN if main_job_defaults else LIBRARY_RUN
+    iterations = job["iterations"] if iterations is None else iterations
+    eval_problems = job["eval_problems"] if eval_problems is None else eval_problems
+    eval_samples = job["eval_samples"] if eval_samples is None else eval_samples
+    train_layers = job["train_layers"] if train_layers is None else train_layers
+    if eval_split not in ("test", "validation"):
+        raise typer.BadParameter(f"--eval-split must be test or validation, got {eval_split!r}")
+    if warmup is None:
+        warmup = main_job_defaults and env == "TIR-Math-v0"
+    elif warmup and env != "TIR-Math-v0":
+        raise typer.BadParameter("the warm-up's traces are procedural TIR-Math-v0 problems: "
+                                 f"--warmup needs --env TIR-Math-v0, got {env!r}")
+    sets, warm_sets = split_warmup_sets(set_)
+    if warm_sets and not warmup:
+        raise typer.BadParameter("warmup.* settings need --warmup")
+    defaults = {**MAIN_JOB, **MAIN_JOB_ALGO.get(algo, {})} if main_job_defaults else {}
+    algo_config, rollout = build_configs(algo, config, sets, defaults)
+    warm_config = build_warmup_config(warm_sets, threads) if warmup else None
+    if eval_temperature is None:
+        eval_temperature = rollout.temperature if main_job_defaults else 0.0
+    temperature = eval_temperature
     run_dir = run_dir or Path("runs") / f"{algo}-{env}"
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
-    env_kwargs = {"data_dir": str(data_dir)} if data_dir else {}
+    env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
+    heldout: Optional[list[str]] = None
+    if warm_config is not None:
+        from algos.warmup import TrainProblems, heldout_ids
+
+        env_kwargs.update(problems=TrainProblems(warm_config.kinds),
+                          system_prompt=warm_config.system_prompt)
+        per_kind = -(-eval_problems // len(warm_config.kinds))
+        heldout = heldout_ids(warm_config.kinds, per_kind, eval_split)[:eval_problems]
+    elif eval_split != "test":
+        raise typer.BadParameter("--eval-split validation needs --warmup (its procedural split)")
+    warm_root = run_dir / "warmup"
+    warm_ready = warm_config is not None and (warm_root / "warmup.json").exists()
     started = time.perf_counter()
+    phases: dict[str, float] = {}
     try:
-        agent = algos.make(algo, model, env, algo_config, rollout=rollout, run_dir=run_dir,
-                           env_kwargs=env_kwargs)
+        policy, tokenizer = load_policy(model, dtype=algo_config.dtype)
+        blocks = len(getattr(getattr(policy, "model", None), "layers", ()) or ())
+        trainable = (train_top_layers(policy, min(train_layers, blocks))
+                     if train_layers and blocks > train_layers else None)
+        agent = algos.make(algo, policy, env, algo_config, tokenizer=tokenizer, rollout=rollout,
+                           run_dir=run_dir, env_kwargs=env_kwargs)
     except (ValueError, TypeError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
+                              "config": algo_config.to_dict(),
+                              "rollout": dataclasses.asdict(rollout),
+                              "trainable_parameters": trainable}
     with agent:
+        if heldout is None and eval_problems:
+            heldout = heldout_problems(problem_source(agent.vec_env()), eval_problems)
+        report["eval"] = {"split": eval_split, "problems": heldout, "samples": eval_samples,
+                          "temperature": temperature}
+
+        def timed_eval(name: str) -> dict:
+            t0 = time.perf_counter()
+            typer.echo(f"evaluating on {len(heldout)} held-out problems x {eval_samples} "
+                       f"samples ({name})")
+            result = evaluate_agent(agent, heldout, eval_samples, temperature)
+            phases[f"eval_{name}_s"] = round(time.perf_counter() - t0, 1)
+            return result
+
+        evals: dict[str, dict] = {}
+        if eval_problems:
+            evals["before"] = _cached_eval(run_dir / "eval_before.json",
+                                           lambda: timed_eval("before"))
+        if warm_config is not None:
+            from algos.warmup import warm_up
+
+            t0 = time.perf_counter()
+            if not warm_ready:
+                typer.echo(f"warm-up: {warm_config.traces} traces x {warm_config.epochs} epochs")
+            try:
+                warm_dir = warm_up(agent.policy, agent.tokenizer, warm_config, warm_root)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
+            if warm_ready:  # made by an earlier (killed) run: load it
+                agent.load_weights(warm_dir)
+            agent.generator.update_weights(agent.policy)
+            phases["warmup_s"] = round(time.perf_counter() - t0, 1)
+            report["warmup"] = json.loads((warm_root / "warmup.json").read_text())
+            if eval_problems:
+                evals["after_warmup"] = _cached_eval(run_dir / "eval_after_warmup.json",
+                                                     lambda: timed_eval("after_warmup"))
         resumed = resume and agent.resume()
-        report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
-                                  "config": algo_config.to_dict(),
-                                  "rollout": dataclasses.asdict(rollout)}
-        before_path = run_dir / "eval_before.json"
-        if eval_problems and before_path.exists():
-            report["before"] = json.loads(before_path.read_text())
-        elif eval_problems:
-            typer.echo(f"evaluating on {eval_problems} held-out problems (before training)")
-            report["before"] = agent.evaluate(n=eval_problems)
-            before_path.write_text(json.dumps(report["before"], indent=2))
         typer.echo(f"training {algo} for {iterations} iterations" +
                    (f" (resumed at {agent.iteration})" if resumed else ""))
+        t0 = time.perf_counter()
         agent.learn(iterations, progress=progress)
+        phases["rl_s"] = round(time.perf_counter() - t0, 1)
         final = agent.save(run_dir / "final")
         if eval_problems:
-            report["after"] = agent.evaluate(n=eval_problems)
+            evals["after"] = timed_eval("after")
+            (run_dir / "eval_after.json").write_text(json.dumps(evals["after"], indent=2))
+    start_name = "after_warmup" if "after_warmup" in evals else "before"
+    for name, result in evals.items():
+        records = result.pop("records")
+        result["records_file"] = f"eval_{name}.json"
+        evals[name] = (result, records)
+    if "after" in evals and start_name in evals:
+        low, high = bootstrap_pass1(evals["after"][1], evals[start_name][1])
+        report[f"rl_gain_over_{start_name}"] = {
+            "pass@1": evals["after"][0]["pass@1"] - evals[start_name][0]["pass@1"],
+            "ci95_paired": [low, high]}
+    if "after" in evals and "before" in evals and start_name != "before":
+        low, high = bootstrap_pass1(evals["after"][1], evals["before"][1])
+        report["gain_over_before"] = {
+            "pass@1": evals["after"][0]["pass@1"] - evals["before"][0]["pass@1"],
+            "ci95_paired": [low, high]}
+    for name, (result, _) in evals.items():
+        report[name] = result
     from algos.metrics import plot_curves
 
     curves = plot_curves(run_dir) if (run_dir / "metrics.jsonl").exists() else None
     report["peak_memory_gib"] = round(peak_memory_gib(), 2)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["phases_s"] = phases
+    report["torch_threads"] = torch_threads()
+    report["load_average"] = list(os.getloadavg())
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     typer.echo("")
     typer.echo(f"== {algo} on {env} with {model}")
-    for when in ("before", "after"):
+    for when in ("before", "after_warmup", "after"):
         if when in report:
             r = report[when]
-            typer.echo(f"{when:>6}: pass@1 {r['pass@1']:.3f} on {r['problems']} held-out problems, "
-                       f"tool-call rate {r['tool_call_rate']:.2f}, mean turns {r['mean_turns']:.2f}")
+            low, high = r["pass@1_ci95"]
+            typer.echo(f"{when:>12}: pass@1 {r['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
+                       f"{r['problems']} held-out problems x {eval_samples}, tool-call rate "
+                       f"{r['tool_call_rate']:.2f}, mean turns {r['mean_turns']:.2f}")
     typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
     typer.echo(f"peak memory {report['peak_memory_gib']} GiB, wall time {report['wall_s']} s")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @app.command("eval")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from algos.cli import app
 from tests.tiny import save_tiny
 
-TINY_RUN = ["--iterations", "1", "--eval-problems", "2", "--no-progress",
+TINY_RUN = ["--iterations", "1", "--eval-problems", "2", "--no-progress", "--no-warmup",
             "--set", "prompts_per_iteration=2", "--set", "group_size=2",
             "--set", "minibatch_size=2", "--set", "grad_accum_steps=1",
             "--set", "rollout.max_new_tokens=16", "--set", "rollout.max_turns=2",
