@@ -37,12 +37,10 @@ token budget, turns per episode, the episode budget and the stop strings come fr
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from trl import GRPOTrainer
 
@@ -53,8 +51,6 @@ from algos.generation.base import Generator, SamplingParams
 from algos.generation.hf import HFGenerator
 from algos.rollout import RolloutConfig, Trajectory, collect, make_vec_env
 from algos.shaping import shape_rewards
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["GTPOTrainer", "TIRRollout", "episode_fields", "problem_dataset", "tir_reward"]
 
@@ -70,22 +66,11 @@ def problem_dataset(env_id: str = "TIR-Math-v0", n: int = 256, seed: int = 0,
     Procedural problems are drawn with ``seed``; a finite source (a benchmark, a file) gives its
     first ``n`` problems in order. TRL's sampler repeats each row ``num_generations`` times.
     """
-    import gymnasium
     from datasets import Dataset
 
-    import tir_envs  # noqa: F401  (registers the ids)
+    from tir_envs.integrations import problem_ids
 
-    env = gymnasium.make(env_id, **env_kwargs).unwrapped
-    try:
-        source = env.source
-        if hasattr(source, "__len__"):
-            ids = [source.get(i).id for i in range(min(n, len(source)))]
-        else:
-            rng = np.random.default_rng(seed)
-            ids = [source.sample(rng).id for _ in range(n)]
-    finally:
-        env.close()
-    return Dataset.from_dict({"prompt": ids})
+    return Dataset.from_dict({"prompt": problem_ids(env_id, n, seed, **env_kwargs)})
 
 
 def episode_fields(trajectory: Trajectory) -> dict[str, Any]:

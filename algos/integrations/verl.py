@@ -28,7 +28,7 @@ per turn position. Full turn-level rewards need one of two changes on verl's sid
 ``turn_scores`` is used), or a reward manager whose ``assemble_rm_scores`` puts each turn's score
 on its last token.
 
-The YAML that selects both (see README "Use with TRL / verl / SkyRL / GEM")::
+The YAML that selects both (README "Use with TRL / verl / SkyRL / GEM" has the full command)::
 
     algorithm:
       adv_estimator: gtpo
@@ -36,7 +36,6 @@ The YAML that selects both (see README "Use with TRL / verl / SkyRL / GEM")::
       norm_adv_by_std_in_grpo: true
     actor_rollout_ref:
       rollout:
-        multi_turn: {enable: true}
         agent:
           default_agent_loop: tir_agent
           agent_loop_config_path: tir_agent.yaml
@@ -47,13 +46,16 @@ The YAML that selects both (see README "Use with TRL / verl / SkyRL / GEM")::
     #   max_turns: 4
     #   max_turn_tokens: 512
 
+Every verl process, Ray actors included, must import this module. verl does that for modules
+named in ``VERL_USE_EXTERNAL_MODULES=algos.integrations.verl``, which Ray actors inherit on one
+machine; on a cluster, set it in ``ray_kwargs.ray_init.runtime_env.env_vars``.
+
 Dataset rows name their problem with ``problem_id`` (a column, or a key of ``extra_info``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 from uuid import uuid4
 
@@ -70,8 +72,6 @@ from verl.trainer.ppo.core_algos import register_adv_est
 from algos.advantages import gtpo_turn_advantages
 from algos.batch import turn_to_tokens
 from algos.rollout import CLOSING_FENCE, prompt_token_ids
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["TIRAgentLoop", "compute_gtpo_advantage", "turn_layout"]
 

@@ -49,4 +49,25 @@ def make_tir_env(env_id: str, *, sandbox_backend: str = "local",
                           max_turns=turns, max_episode_steps=turns, **env_kwargs)
 
 
-__all__ = ["make_tir_env", "shared_sandbox"]
+def problem_ids(env_id: str = "TIR-Math-v0", n: int = 256, seed: int = 0,
+                **env_kwargs: Any) -> list[str]:
+    """``n`` problem ids of ``env_id``'s source, for a trainer's dataset rows (an adapter pins each
+    episode to its row's id). Procedural problems are drawn with ``seed``; a finite source (a
+    benchmark, a file) gives its first ``n`` problems in order."""
+    import gymnasium
+    import numpy as np
+
+    import tir_envs  # noqa: F401  (registers the ids)
+
+    env = gymnasium.make(env_id, **env_kwargs).unwrapped
+    try:
+        source = env.source
+        if hasattr(source, "__len__"):
+            return [source.get(i).id for i in range(min(n, len(source)))]
+        rng = np.random.default_rng(seed)
+        return [source.sample(rng).id for _ in range(n)]
+    finally:
+        env.close()
+
+
+__all__ = ["make_tir_env", "problem_ids", "shared_sandbox"]
