@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 train: setup
 	$(VENV)/bin/tir train --algo gtpo --env TIR-Math-v0 --resume
 
+# The verl adapter's tests run in verl's own venv (cached in ~/.cache/tir-gym, rebuilt when
+# pyproject.toml changes): made here, so `make train` never installs it.
 test: setup
+	bash scripts/verl_venv.sh >/dev/null
 	$(PY) -m pytest -q -ra
 
 docker-engine:

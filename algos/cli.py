@@ -27,8 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="tir-gym: train and evaluate language models on TIR environments.")
 logger = logging.getLogger("tir")
 
-# The main job's defaults (`make train`): sized so it finishes within 15 minutes on 2 CPU cores,
-# warm-up and evaluations included. Short turns: the warmed-up model's turns are a one-line
+# The main job's defaults (`make train`), sized for a 15-minute budget on 2 CPU cores, warm-up
+# and evaluations included. Short turns: the warmed-up model's turns are a one-line
 # program and a boxed number, and on a CPU sequence length is most of the cost.
 MAIN_JOB = {
     "prompts_per_iteration": 4,
@@ -41,8 +41,6 @@ MAIN_JOB = {
     "rollout.max_total_tokens": 512,
     "rollout.temperature": 0.8,
 }
-MAIN_JOB_ALGO = {"gtpo": {"norm_scope": "turn"}}
-"""Per-algorithm main-job defaults: GTPO normalises returns per turn position."""
 MAIN_WARMUP = {
     "kinds": ("digit_sum", "nth_prime"),
     "traces": 128,
@@ -277,7 +275,7 @@ def train(
     sets, warm_sets = split_warmup_sets(set_)
     if warm_sets and not warmup:
         raise typer.BadParameter("warmup.* settings need --warmup")
-    defaults = {**MAIN_JOB, **MAIN_JOB_ALGO.get(algo, {})} if main_job_defaults else {}
+    defaults = MAIN_JOB if main_job_defaults else {}
     algo_config, rollout = build_configs(algo, config, sets, defaults)
     warm_config = build_warmup_config(warm_sets, threads) if warmup else None
     if eval_temperature is None:

