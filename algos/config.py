@@ -63,7 +63,8 @@ class AlgoConfig:
     """Global gradient-norm clip (1.0 in TRL and verl); math.inf disables it."""
     lr_warmup_steps: int = 0
     """Optimizer steps over which the learning rate rises linearly from lr/steps to lr (verl's
-    lr_warmup_steps; TRL's warmup_steps). 0: the full rate from the first step."""
+    lr_warmup_steps; TRL's warmup_steps). 0 (TRL's default): the full rate from the first step;
+    RL starts from a trained model, not from a random one."""
 
     # --- policy loss ---
     clip_low: float = 0.2
@@ -105,12 +106,14 @@ class AlgoConfig:
     """Leave out of the loss every trajectory with a void turn: one that has neither a complete
     code block nor a final answer, typically cut off by the token limit (SimpleTIR, arXiv
     2509.02479: such turns carry low-probability tokens whose gradients blow up). Their
-    rewards still count in group statistics."""
+    rewards still count in group statistics. Off by default: a cut-off turn is the model's own
+    failure, and its negative advantage is what teaches it to finish a turn in budget."""
     zero_variance_groups: str = "keep"
     """What to do with groups whose advantages are all 0 (every sample scored alike): keep
     (their tokens count in the loss normaliser, diluting the others: GRPO, TRL) | drop (left
     out of the batch, so the normaliser counts only informative tokens: DAPO's dynamic
-    sampling without the resampling)."""
+    sampling without the resampling). keep by default, as GRPO and TRL define the loss; drop
+    scales the step up as groups saturate, which is what DAPO wants and a small model may not."""
 
     # --- GTPO self-supervised reward shaping (see algos.shaping) ---
     shaping: bool = False
