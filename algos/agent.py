@@ -473,8 +473,9 @@ class Agent:
     ) -> dict[str, float]:
         """``update_epochs`` passes of minibatch steps; returns the mean of each metric.
 
-        Each epoch takes ``ceil(B / minibatch_size)`` optimizer steps over a shuffle of the rows
-        that reach the loss, so every method and filter setting gets the same number of steps.
+        Each epoch splits a shuffle of the rows that reach the loss into ``ceil(B /
+        minibatch_size)`` minibatches, one optimizer step each, so methods and filter settings
+        get the same number of steps (a minibatch that carries no gradient is skipped).
         """
         cfg = self.config
         n = tokens.input_ids.shape[0]
