@@ -144,6 +144,12 @@ def test_error_reports_traceback_and_keeps_state(session):
     assert run_ok(session, "print(kept)") == "yes\n"
 
 
+def test_traceback_shows_only_the_cells_frames(session):
+    result = session.run("def f():\n    return 1 / 0\nf()")
+    frames = [line for line in result.stderr.splitlines() if line.lstrip().startswith('File "')]
+    assert len(frames) == 2 and all('File "<cell ' in frame for frame in frames), result.stderr
+
+
 def test_syntax_error_is_an_error(session):
     result = session.run("def broken(:\n  pass")
     assert result.status is ERROR and "SyntaxError" in result.stderr
@@ -197,6 +203,19 @@ def test_output_is_truncated_to_the_limit(session):
     assert result.status is OUTPUT_LIMIT
     assert 0 < len(result.stdout.encode()) <= LIMITS["max_output_bytes"]
     assert run_ok(session, "print('short')") == "short\n"
+
+
+def test_streams_of_an_earlier_cell_write_nowhere(session):
+    """A stream kept, or flushed at garbage collection, after its cell neither leaks into nor
+    stops a later cell."""
+    assert session.run("import sys\nkept = sys.stdout\nprint('x' * 100_000)").status is OUTPUT_LIMIT
+    result = session.run("kept.write('stale\\n')\nkept.flush()\nprint('fresh')")
+    assert (result.status, result.stdout, result.stderr) == (OK, "fresh\n", ""), result
+
+
+def test_a_cell_that_closes_its_output_fds_breaks_only_itself(session):
+    session.run("import os\nos.close(1)\nos.close(2)")
+    assert run_ok(session, "import os\nos.write(1, b'raw\\n')") == "raw\n"
 
 
 def test_stderr_flood_is_truncated_too(session):

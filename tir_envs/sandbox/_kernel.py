@@ -12,32 +12,34 @@ environment. It imports the heavy modules once, then for every session request f
                   rlimits, scrubbed env; runs code cells in one globals dict. Because K is the
                   namespace's init, one SIGKILL to K takes down everything the code forked.
 
-Only the standard library is used (plus the modules it preloads), so the file is importable by
-the parent for the wire protocol and runnable with nothing from the project on ``sys.path``.
+Only the standard library is used (plus the modules it preloads, and ``cell.py`` beside it, which
+runs the code cells as the docker runner does), so the file is importable by the parent for the
+wire protocol and runnable with nothing from the project on ``sys.path``.
 Linux only; every isolation step is optional and reported, so the parent can say which layers
 are really active.
 """
 
 from __future__ import annotations
 
-import builtins
 import ctypes
 import fcntl
 import gc
-import io
 import json
-import linecache
 import os
 import platform
-import resource
 import select
 import signal
 import socket
 import struct
 import sys
-import time
 import traceback
-import types
+
+if __package__:  # imported by local.py, for the wire protocol
+    from tir_envs.sandbox import cell
+else:  # run by path: ``python -I`` keeps this file's directory off sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cell
+    del sys.path[0]
 
 # --------------------------------------------------------------------------------------------
 # Wire protocol, shared with local.py: frames of (u32 payload length, u8 kind) + payload.
@@ -493,66 +495,6 @@ def build_filesystem_view(config: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class OutputLimitExceeded(BaseException):
-    """Raised inside user code when it writes past the output cap (BaseException: not swallowed
-    by ``except Exception``)."""
-
-
-class _CappedFile(io.RawIOBase):
-    """A raw writer over the stream's memfd that stops the cell once ``cap`` bytes are out."""
-
-    def __init__(self, fd: int, cap: int):
-        self._fd, self._room = fd, cap
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        overflow = len(view) > self._room
-        fits = view[: self._room]
-        self._room -= len(fits)
-        while fits:
-            fits = fits[os.write(self._fd, fits):]
-        if overflow:
-            raise OutputLimitExceeded
-        return len(view)
-
-
-def _writer(fd: int, cap: int, errors: str) -> io.TextIOWrapper:
-    raw = _CappedFile(fd, cap)
-    return io.TextIOWrapper(io.BufferedWriter(raw, 8192), encoding="utf-8", errors=errors,
-                            line_buffering=True)
-
-
-def _set_limits(config: dict) -> list[str]:
-    limits = config["limits"]
-    mb = 1 << 20
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as fh:
-        address_space_now = int(fh.read().split()[0]) * page
-    wanted = [
-        (resource.RLIMIT_AS, address_space_now + limits["memory_mb"] * mb),
-        (resource.RLIMIT_CPU, limits["cpu_s"]),  # soft = hard: SIGKILL (SIGXCPU skips an init)
-        (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ]
-    if config["layers"]["user_ns"]:  # counted per (user namespace, uid): per kernel
-        wanted.append((resource.RLIMIT_NPROC, limits["max_pids"]))
-    failed = []
-    for which, value in wanted:
-        try:
-            resource.setrlimit(which, (value, value))
-        except (OSError, ValueError) as exc:
-            failed.append(f"{which}: {exc}")
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-big file is an OSError, not a crash
-    return failed
-
-
 def _kernel_stage(sock: socket.socket, config: dict, out_fd: int, err_fd: int) -> None:
     layers = config["layers"]
     os.setsid()
@@ -568,103 +510,31 @@ def _kernel_stage(sock: socket.socket, config: dict, out_fd: int, err_fd: int) -
         os.chdir("/tmp" if config["layers"]["filesystem_view"] else config["tmp_dir"])
     except OSError as exc:
         raise SetupFailed("private_tmp", exc) from None
-    os.dup2(out_fd, 1)
-    os.dup2(err_fd, 2)
-    rlimit_failures = _set_limits(config)
+    limits = config["limits"]
+    streams = cell.Streams(out_fd, err_fd, limits["max_output_bytes"])
+    rlimit_failures = cell.set_limits(
+        address_space_mb=limits["memory_mb"], cpu_s=limits["cpu_s"],
+        file_size_mb=limits["file_size_mb"], max_open_files=limits["max_open_files"],
+        # RLIMIT_NPROC counts per (user namespace, uid): per kernel only in its own namespace
+        max_processes=limits["max_pids"] if layers["user_ns"] else None)
     report = {"layers": {"rlimits": not rlimit_failures, "scrubbed_env": True},
               "rlimit_failures": rlimit_failures}
     send_frame(sock, READY, json.dumps(report).encode())
-    limits, in_pid_namespace = config["limits"], config["layers"]["pid_ns"]
-    Kernel(sock, out_fd, err_fd, limits["max_output_bytes"], in_pid_namespace).serve()
+    # kill(-1) reaches only the cells' processes where the kernel is its pid namespace's init
+    _serve(sock, cell.CellRunner(streams, kill_strays=layers["pid_ns"]))
 
 
-class Kernel:
-    """Runs cells in one globals dict; one request, one reply, until the parent hangs up."""
-
-    def __init__(self, sock: socket.socket, out_fd: int, err_fd: int, cap: int,
-                 in_pid_namespace: bool):
-        self.sock, self.out_fd, self.err_fd, self.cap = sock, out_fd, err_fd, cap
-        self.in_pid_namespace = in_pid_namespace
-        self.pid = os.getpid()
-        main = types.ModuleType("__main__")  # a real __main__, so pickle finds cell functions
-        main.__builtins__ = builtins
-        sys.modules["__main__"] = main
-        sys.argv = [""]  # as in an interactive interpreter; no trace of this script
-        self.globals = main.__dict__
-        self.cells = 0
-
-    def serve(self) -> None:
-        while True:
-            frame = recv_frame_blocking(self.sock)
-            if frame is None:
-                os._exit(0)
-            kind, payload, _ = frame
-            if kind != RUN:
-                os._exit(2)
-            status = self.run_cell(payload.decode("utf-8", "surrogatepass"))
-            self._reap_strays()
-            send_frame(self.sock, RESULT, bytes([status]))
-
-    def run_cell(self, code: str) -> int:
-        self.cells += 1
-        filename = f"<cell {self.cells}>"
-        stdout = sys.stdout = _writer(self.out_fd, self.cap, "surrogatepass")
-        stderr = sys.stderr = _writer(self.err_fd, self.cap, "backslashreplace")
-        status = OK
-        try:
-            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-            exec(compile(code, filename, "exec", dont_inherit=True), self.globals)
-        except OutputLimitExceeded:
-            status = OUTPUT_LIMIT
-        except SystemExit as exc:
-            if exc.code not in (None, 0):
-                status = ERROR
-                self._print_exception(exc, stderr)
-        except MemoryError as exc:
-            status = MEMORY
-            self._print_exception(exc, stderr)
-        except BaseException as exc:
-            status = ERROR
-            self._print_exception(exc, stderr)
-        for stream in (stdout, stderr):
-            try:
-                stream.flush()
-            except OutputLimitExceeded:
-                status = OUTPUT_LIMIT if status == OK else status
-            except Exception:
-                pass
-        if os.getpid() != self.pid:  # a process the cell forked fell off the end of the cell
-            os._exit(0 if status == OK else 1)
-        return status
-
-    @staticmethod
-    def _print_exception(exc: BaseException, stderr) -> None:
-        try:
-            tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # drop our exec frame
-            traceback.print_exception(type(exc), exc, tb, file=stderr)
-        except BaseException:  # out of memory or output while reporting: the status says enough
-            pass
-
-    def _reap_strays(self, patience_s: float = 0.1) -> None:
-        """Processes a cell started do not outlive it. Only inside our own pid namespace, where
-        ``kill(-1)`` reaches nothing but the cell's processes (it spares the caller); there we
-        also wait a little for them, so normally none is left even as a zombie. (Something that
-        keeps respawning them, like a live multiprocessing Pool, is dealt with after each cell.)"""
-        deadline = time.monotonic() + patience_s
-        while True:
-            if self.in_pid_namespace:
-                try:
-                    os.kill(-1, signal.SIGKILL)
-                except OSError:
-                    pass
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            except ChildProcessError:
-                return  # no children left
-            if not self.in_pid_namespace or time.monotonic() > deadline:
-                return
-            time.sleep(0.001)
+def _serve(sock: socket.socket, cells: cell.CellRunner) -> None:
+    """Run cells, one request, one reply, until the parent hangs up."""
+    while True:
+        frame = recv_frame_blocking(sock)
+        if frame is None:
+            os._exit(0)
+        kind, payload, _ = frame
+        if kind != RUN:
+            os._exit(2)
+        status = cells.run(payload.decode("utf-8", "surrogatepass"))
+        send_frame(sock, RESULT, bytes([STATUSES.index(status)]))
 
 
 if __name__ == "__main__":

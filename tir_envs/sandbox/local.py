@@ -50,6 +50,7 @@ import weakref
 from pathlib import Path
 
 from tir_envs.sandbox import _kernel as wire
+from tir_envs.sandbox import cell
 from tir_envs.sandbox._cgroup import KernelCgroups, KernelGroup
 from tir_envs.sandbox.base import (
     ExecResult,
@@ -293,8 +294,8 @@ class _Kernel:
     def _interpret(self, frame) -> tuple[ExecStatus, str]:
         if frame is None:
             self.kill()
-            if self.group is not None and self.group.oom_killed():
-                return ExecStatus.MEMORY, self._oom_note()
+            if self._oom_killed():
+                return ExecStatus.MEMORY, cell.memory_note(self.limits.memory_mb)
             return ExecStatus.INFRA_ERROR, "SandboxError: the kernel vanished"
         kind, payload, fds = frame
         _close_fds(fds)
@@ -303,31 +304,16 @@ class _Kernel:
             return ExecStatus(wire.STATUSES[payload[0]]), ""
         if kind == wire.DIED and len(payload) == wire.DIED_PAYLOAD.size:
             self.kill()
-            return self._death_status(*wire.DIED_PAYLOAD.unpack(payload))
+            wait_status, cpu_used_s = wire.DIED_PAYLOAD.unpack(payload)
+            status, note = cell.death_status(
+                wait_status, cpu_used_s, memory_mb=self.limits.memory_mb,
+                cpu_s=self.limits.cpu_s, oom_killed=self._oom_killed())
+            return ExecStatus(status), note
         self.kill()
         return ExecStatus.ERROR, "SandboxError: the kernel broke the sandbox protocol"
 
-    def _oom_note(self) -> str:
-        return (f"MemoryError: the kernel exceeded its {self.limits.memory_mb} MB memory limit "
-                "and was killed")
-
-    def _death_status(self, wait_status: int, cpu_s: float) -> tuple[ExecStatus, str]:
-        if os.WIFEXITED(wait_status):
-            code = os.WEXITSTATUS(wait_status)
-            status = ExecStatus.OK if code == 0 else ExecStatus.ERROR
-            return status, f"The kernel process exited with code {code}."
-        sig = os.WTERMSIG(wait_status)
-        if sig == signal.SIGKILL and self.group is not None and self.group.oom_killed():
-            return ExecStatus.MEMORY, self._oom_note()
-        # rusage is tick-sampled while RLIMIT_CPU counts exact runtime: allow for the difference
-        if sig in (signal.SIGKILL, signal.SIGXCPU) and cpu_s >= 0.8 * self.limits.cpu_s:
-            return ExecStatus.TIMEOUT, (f"TimeoutError: the kernel used up its CPU time limit "
-                                        f"({self.limits.cpu_s} s) and was killed")
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return ExecStatus.ERROR, f"KernelDied: the kernel was killed by {name}"
+    def _oom_killed(self) -> bool:
+        return self.group is not None and self.group.oom_killed()
 
     def _collect_output(self) -> tuple[str, str, bool]:
         cap = self.limits.max_output_bytes
