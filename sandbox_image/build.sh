@@ -4,13 +4,14 @@
 # No registry is reachable on the machines this runs on, so unless BASE_IMAGE names an image that
 # is already present, a minimal Debian with python3, numpy and sympy is debootstrapped and
 # `docker import`ed first (about a minute). Idempotent: the base is built once, and the final
-# `docker build` is a cache hit unless sandbox_image/ changed.
+# `docker build` is a cache hit unless runner.py, the Dockerfile or tir_envs/sandbox/cell.py changed.
 #
 #   sandbox_image/build.sh                         # local Debian base, then tir-sandbox:latest
 #   BASE_IMAGE=python:3.12-slim sandbox_image/build.sh   # where pulling works
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CELL_DIR="$HERE/../tir_envs/sandbox"  # cell.py: how a cell runs, shared with the local kernel
 IMAGE="${IMAGE:-tir-sandbox:latest}"
 LOCAL_BASE="${LOCAL_BASE:-tir-sandbox-base:bookworm}"
 BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"
@@ -59,5 +60,7 @@ fi
 log "docker build $IMAGE on $BASE_IMAGE"
 # BuildKit needs the buildx plugin; without it, ask for the classic builder instead of failing.
 docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
-docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" "$HERE" >/dev/null
+# The context, streamed as a tar: this directory's files and the package's cell module.
+tar -c -C "$HERE" Dockerfile runner.py -C "$CELL_DIR" cell.py \
+    | docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" - >/dev/null
 log "ready: $IMAGE ($((SECONDS - start)) s)"

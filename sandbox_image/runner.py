@@ -15,13 +15,14 @@ One request, one reply:
   {"op": "close"}                      -> kill every process but this one, wipe scratch space
 
 A container hosts one session at a time, so on close or after a kernel fault everything except
-PID 1 is killed with kill(-1), daemons the code forked included.
+PID 1 is killed with kill(-1), daemons the code forked included. How the kernel runs a cell
+(capped output, statuses, rlimits, stray processes) is ``cell.py`` from tir_envs/sandbox/, copied
+beside this file: the local backend's kernel runs cells with the same module.
 """
 
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import os
 import select
@@ -31,6 +32,11 @@ import struct
 import sys
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ``python -I`` leaves it off
+import cell  # noqa: E402  (how cells run, shared with the local kernel; copied beside this file)
+
+del sys.path[0]
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ[_var] = "1"  # BLAS thread pools would eat the pids limit and memory; set before import
@@ -68,6 +74,7 @@ KERNEL_ENV = {
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
 IPC_RMID = 0
@@ -300,65 +307,8 @@ def wipe_scratch() -> bool:
 # --- the kernel (a forked child) -----------------------------------------------------------------
 
 
-class OutputLimitExceeded(BaseException):
-    """Stops a cell that prints past the cap; a BaseException so ``except Exception`` won't eat it."""
-
-
-class _CappedWriter(io.RawIOBase):
-    """Raw writer over an output fd that stops the cell once ``room`` bytes have gone out."""
-
-    def __init__(self, fd: int, room: int):
-        self.fd: int | None = fd
-        self._room = room
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return 1 if self.fd is None else self.fd
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if self.fd is None:
-            return len(view)  # retired with its cell: a stale buffer flushing at garbage collection
-        n = min(len(view), self._room)
-        self._room -= n
-        rest = view[:n]
-        while rest:
-            rest = rest[os.write(self.fd, rest) :]
-        if n < len(view):
-            raise OutputLimitExceeded
-        return len(view)
-
-
-_writers: list[_CappedWriter] = []
-
-
-def _restore_streams(cap: int) -> None:
-    """Fresh, capped sys.stdout/stderr on the kernel's own pipes, whatever the last cell did.
-
-    Fds 1 and 2 are restored too (a cell may close them). Line-buffered, so what a cell printed
-    before a timeout still reaches the host.
-    """
-    for writer in _writers:
-        writer.fd = None
-    _writers.clear()
-    os.dup2(SAVED_STDOUT_FD, 1)
-    os.dup2(SAVED_STDERR_FD, 2)
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    for fd, name, errors in ((1, "stdout", "surrogatepass"), (2, "stderr", "backslashreplace")):
-        writer = _CappedWriter(fd, cap)
-        _writers.append(writer)
-        stream = io.TextIOWrapper(
-            io.BufferedWriter(writer, 8192), "utf-8", errors, line_buffering=True
-        )
-        setattr(sys, name, stream)
-
-
 def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
     """Confine the freshly forked child; returns whether the network filter is active."""
-    import resource
-
     os.setsid()
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -375,118 +325,32 @@ def _kernel_setup(limits: dict, out_w: int, err_w: int, ctl: int) -> bool:
     os.environ.clear()
     os.environ.update(KERNEL_ENV)
     os.chdir(WORK_DIR)
-    mb = 1024 * 1024
-    with open("/proc/self/statm") as f:
-        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    for rlimit, value in (
-        (resource.RLIMIT_AS, mapped + limits["address_space_mb"] * mb),  # above the preload
-        (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-        (resource.RLIMIT_CORE, 0),
-    ):
-        resource.setrlimit(rlimit, (value, value))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
+    refused = cell.set_limits(
+        address_space_mb=limits["address_space_mb"],
+        cpu_s=limits["cpu_s"],
+        file_size_mb=limits["file_size_mb"],
+        max_open_files=limits["max_open_files"],
+    )
+    if refused:  # the host reports rlimits as active: fail rather than run without them
+        raise RuntimeError(f"rlimits refused: {'; '.join(refused)}")
+    # Orphans of what the cells start come back to the kernel, which kills and reaps them.
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # its own children may inspect it; PID 1 stays closed
     return install_network_filter()
 
 
-def _print_exception(exc: BaseException) -> None:
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next  # hide the kernel's own frames; show only the cell's
-    try:
-        traceback.print_exception(type(exc), exc, tb)
-    except BaseException:  # noqa: BLE001 - out of memory or output while reporting: status says it
-        pass
-
-
-def _run_cell(source: str, filename: str, namespace: dict) -> str:
-    import linecache
-
-    try:
-        compiled = compile(source, filename, "exec", dont_inherit=True)  # no __future__ of ours
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        exec(compiled, namespace)
-    except OutputLimitExceeded:
-        return "output_limit"
-    except SystemExit as exc:
-        if exc.code in (None, 0):
-            return "ok"
-        _print_exception(exc)
-        return "error"
-    except MemoryError as exc:
-        _print_exception(exc)
-        return "memory"
-    except BaseException as exc:  # noqa: BLE001 - the cell's failure is its result
-        _print_exception(exc)
-        return "error"
-    return "ok"
-
-
-def _live_strays() -> bool:
-    """Whether any process other than PID 1 and this one is still alive (zombies don't count)."""
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) not in (1, me):
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    state = f.read().rpartition(")")[2].split()[0]
-            except (OSError, IndexError):
-                continue  # gone meanwhile
-            if state not in ("Z", "X"):
-                return True
-    return False
-
-
-def _kill_strays() -> None:
-    """Processes a cell started do not outlive it (as in the local backend).
-
-    kill(-1) reaches every process of ours except this one and PID 1; the container holds only
-    this session, so that is exactly what the cell left running. It is repeated until nothing
-    is left alive: a child forked while kill(-1) walked the task list escapes one round. Our own
-    children are reaped here, orphans by the runner once we reply.
-    """
-    end = time.monotonic() + 1.0
-    while True:
-        try:
-            os.kill(-1, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        reap()
-        if not _live_strays() or time.monotonic() > end:
-            reap()
-            return
-        time.sleep(0.0005)
-
-
 def kernel_main(limits: dict, out_w: int, err_w: int, ctl: int) -> None:
     """Serve cells until the control socket closes; globals persist across cells."""
-    import builtins
-
     network_filter = _kernel_setup(limits, out_w, err_w, ctl)
-    sys.argv = [""]
-    me = os.getpid()
+    streams = cell.Streams(SAVED_STDOUT_FD, SAVED_STDERR_FD, limits["max_output_bytes"])
+    # kill(-1) reaches all but PID 1 and this kernel: the container holds only this session
+    cells = cell.CellRunner(streams, kill_strays=True)
     send_frame(KERNEL_CTL_FD, {"ready": True, "network_filter": network_filter})
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
-    cell = 0
     while True:
         request = recv_frame(KERNEL_CTL_FD)
         if request is None:
             os._exit(0)
-        cell += 1
-        _restore_streams(limits["max_output_bytes"])
-        status = _run_cell(request["code"], f"<cell {cell}>", namespace)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except OutputLimitExceeded:
-                status = "output_limit" if status == "ok" else status
-            except BaseException:  # noqa: BLE001 - a closed stream must not kill the kernel
-                pass
-        if os.getpid() != me:
-            os._exit(0)  # a child the cell forked fell through to here; only the kernel replies
-        _kill_strays()
-        send_frame(KERNEL_CTL_FD, {"status": status})
+        send_frame(KERNEL_CTL_FD, {"status": cells.run(request["code"])})
 
 
 class Kernel:
@@ -554,32 +418,20 @@ class Kernel:
         return bytes(data)
 
     def _death(self, oom_before: int | None, limits: dict) -> tuple[str, str]:
-        """Status and message for a kernel that vanished mid-cell (wording as the local backend)."""
+        """Status and message for a kernel that vanished mid-cell (read as the local backend does)."""
         try:
-            _, wait_status = os.waitpid(self.pid, 0)
+            _, wait_status, usage = os.wait4(self.pid, 0)
         except ChildProcessError:
             return "infra_error", "SandboxError: the kernel vanished"
-        if os.WIFEXITED(wait_status):
-            code = os.WEXITSTATUS(wait_status)
-            return ("ok" if code == 0 else "error"), f"The kernel process exited with code {code}."
-        sig = os.WTERMSIG(wait_status)
         oom_after = _oom_kills()
         oom = oom_after > oom_before if oom_before is not None and oom_after is not None else None
-        if sig == signal.SIGKILL and oom is not False:  # counted, or no counter to ask
-            return "memory", (
-                f"MemoryError: the kernel exceeded its {limits['memory_mb']} MB memory limit "
-                "and was killed"
-            )
-        if sig == signal.SIGXCPU:
-            return "timeout", (
-                f"TimeoutError: the kernel used up its CPU time limit ({limits['cpu_s']} s) "
-                "and was killed"
-            )
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return "error", f"KernelDied: the kernel was killed by {name}"
+        return cell.death_status(
+            wait_status,
+            usage.ru_utime + usage.ru_stime,
+            memory_mb=limits["memory_mb"],
+            cpu_s=limits["cpu_s"],
+            oom_killed=oom,
+        )
 
     def run(self, code: str, timeout: float, limits: dict) -> tuple[dict, bool]:
         """Run one cell; returns the reply and whether the kernel survived."""
@@ -610,10 +462,7 @@ class Kernel:
                 break
             if memory_cap is not None and memory_in_use() > memory_cap:
                 status, alive = "memory", False
-                note = (
-                    f"MemoryError: the kernel exceeded its {limits['memory_mb']} MB memory limit "
-                    "and was killed"
-                )
+                note = cell.memory_note(limits["memory_mb"])
                 break
             watched = [self.ctl, self.out_r, self.err_r, self.pidfd]
             wait = remaining if memory_cap is None else min(remaining, MEMORY_POLL_S)

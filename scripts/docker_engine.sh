@@ -4,7 +4,7 @@
 # Idempotent, so CI can call it on every run: installs docker.io if dockerd is missing, starts
 # dockerd in the background if `docker info` fails (waiting up to DOCKERD_WAIT seconds), removes
 # sandbox containers left by crashed runs, then builds the images (sandbox_image/build.sh: the
-# debootstrap base only when absent, the sandbox image a cache hit unless sandbox_image/ changed).
+# debootstrap base only when absent, the sandbox image a cache hit unless its files changed).
 # Needs root for the install and for dockerd. Exit status is non-zero if any step fails.
 set -euo pipefail
 

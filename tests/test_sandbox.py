@@ -150,6 +150,13 @@ def test_traceback_shows_only_the_cells_frames(session):
     assert len(frames) == 2 and all('File "<cell ' in frame for frame in frames), result.stderr
 
 
+def test_errors_are_reported_even_if_the_cell_replaced_its_streams(session):
+    result = session.run("import io, sys\nprint('kept', end='')\n"
+                         "sys.stdout = sys.stderr = io.StringIO()\nraise ValueError('seen')")
+    assert result.status is ERROR and result.stdout == "kept", result
+    assert "ValueError: seen" in result.stderr
+
+
 def test_syntax_error_is_an_error(session):
     result = session.run("def broken(:\n  pass")
     assert result.status is ERROR and "SyntaxError" in result.stderr
@@ -190,6 +197,45 @@ def test_default_timeout_comes_from_the_limits(backend):
         started = time.monotonic()
         assert s.run("while True: pass").status is TIMEOUT
         assert 0.9 < time.monotonic() - started < 5
+
+
+def test_cpu_limit_stops_a_kernel_the_wall_clock_would_not(backend):
+    """The CPU budget ends in SIGKILL: ignoring SIGXCPU does not buy the code more time."""
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass"
+    with make_sandbox(backend, **{**LIMITS, "cpu_s": 1}) as sb, sb.session() as s:
+        result = s.run(code, timeout=30)
+        assert result.status is TIMEOUT and "CPU time limit" in result.stderr, result
+        assert run_ok(s, "print('again')") == "again\n"
+
+
+def test_a_file_past_its_size_limit_is_an_error_in_the_cell(session):
+    run_ok(session, "kept = 1")
+    big = (LIMITS["file_size_mb"] + 1) << 20
+    result = session.run(f"open('/tmp/big', 'wb').write(b'x' * {big})")
+    assert result.status is ERROR and "File too large" in result.stderr, result
+    assert run_ok(session, "print(kept)") == "1\n"  # the kernel lived on
+
+
+def test_multiprocessing_pickles_functions_the_cells_define(session):
+    out = run_ok(session, """
+        import multiprocessing
+        def square(x):
+            return x * x
+        with multiprocessing.get_context('fork').Pool(2) as pool:
+            print(pool.map(square, range(5)))
+    """)
+    assert out == "[0, 1, 4, 9, 16]\n"
+
+
+def test_a_forked_child_falling_off_a_failing_cell_exits_1(session):
+    out = run_ok(session, """
+        import os
+        pid = os.fork()
+        if pid == 0:
+            raise ValueError('in the child')
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """)
+    assert out == "1\n"
 
 
 def test_memory_error_is_memory(session):
@@ -719,13 +765,6 @@ def test_oom_kill_is_reported_as_memory():
         assert "memory limit" in result.stderr
         lost = s.run("print(kept)")
         assert lost.status is ERROR and "NameError" in lost.stderr
-
-
-def test_cpu_limit_stops_a_kernel_the_wall_clock_would_not():
-    with make_sandbox("local", prestart=0, **{**LIMITS, "cpu_s": 1}) as sb, sb.session() as s:
-        result = s.run("while True: pass", timeout=30)
-        assert result.status is TIMEOUT and "CPU" in result.stderr
-        assert run_ok(s, "print('again')") == "again\n"
 
 
 def test_cgroup_v2_groups_are_made_under_our_own(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Docker sandbox backend: one locked-down container per live session, kept warm in a pool.
 
 Each container runs ``sandbox_image/runner.py`` as PID 1: a zygote that imported numpy and sympy
-once and forks one kernel per session. The host speaks to it over the container's attached
+once and forks one kernel per session, which runs cells with ``cell.py`` as the local kernel does. The host speaks to it over the container's attached
 stdin/stdout (one hijacked HTTP connection per container, no ``exec`` per call), so a warm run
 costs well under a millisecond on top of the code itself on an idle machine.
 
