@@ -264,6 +264,12 @@ def test_a_cell_that_closes_its_output_fds_breaks_only_itself(session):
     assert run_ok(session, "import os\nos.write(1, b'raw\\n')") == "raw\n"
 
 
+def test_a_cell_that_closes_stdin_breaks_only_itself(session):
+    session.run("import sys\nsys.stdin.close()")
+    result = session.run("input()")
+    assert result.status is ERROR and "EOFError" in result.stderr, result  # not a closed file
+
+
 def test_stderr_flood_is_truncated_too(session):
     result = session.run("import sys\nfor _ in range(10**6): sys.stderr.write('e' * 100)")
     assert result.status is OUTPUT_LIMIT

@@ -76,6 +76,7 @@ class Streams:
         self._fds = (out_fd, err_fd)
         self._cap = cap
         self._writers: list[CappedWriter] = []
+        self._stdin = None
         self.reset()
 
     def reset(self) -> None:
@@ -88,7 +89,9 @@ class Streams:
         self._writers = []
         for fd, private in zip((1, 2), self._fds):
             os.dup2(private, fd)
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+        if sys.stdin is not self._stdin or self._stdin.closed:  # else as good as new: it reads EOF
+            self._stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+            sys.stdin = self._stdin
         streams = []
         for fd, errors in ((1, "surrogatepass"), (2, "backslashreplace")):
             writer = CappedWriter(fd, self._cap)
