@@ -19,7 +19,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from algos.leaderboard import DEFAULT_BENCHMARKS
 from algos.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -27,9 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="tir-gym: train and evaluate language models on TIR environments.")
 logger = logging.getLogger("tir")
 
-# The main job's defaults (`make train`), sized for a 15-minute budget on 2 CPU cores, warm-up
-# and evaluations included. Short turns: the warmed-up model's turns are a one-line
-# program and a boxed number, and on a CPU sequence length is most of the cost.
+# The main job's defaults (`make train`), sized for a 15-minute training budget (warm-up and RL)
+# on 2 CPU cores; README.md has the measured times. Short turns: the warmed-up model's turns are
+# a one-line program and a boxed number, and on a CPU sequence length is most of the cost.
 MAIN_JOB = {
     "prompts_per_iteration": 4,
     "group_size": 4,
@@ -139,8 +138,7 @@ THREADS_HELP = "torch CPU threads (default: torch's choice); 1 is much faster on
 
 def _setup(verbose: bool, threads: Optional[int] = None) -> None:
     """Logging for the command, and torch's thread count: OpenMP threads that compete with other
-    processes for cores spin and stall (measured 5-8x slower generation at 2 threads on a busy
-    2-core machine)."""
+    processes for cores spin and stall, so on a shared machine fewer threads can be faster."""
     if threads is not None:
         import torch
 
@@ -464,7 +462,8 @@ def leaderboard(
     endpoint_model: Annotated[Optional[str], typer.Option(help="the served model name")] = None,
     endpoint_tokenizer: Annotated[Optional[str], typer.Option(
         help="model dir or hub id of the endpoint's tokenizer (default: --endpoint-model)")] = None,
-    benchmarks: Annotated[str, typer.Option(help="comma list")] = ",".join(DEFAULT_BENCHMARKS),
+    benchmarks: Annotated[Optional[str], typer.Option(
+        help="comma list (default: gsm8k,svamp,math500,aime24,amc23, the shipped five)")] = None,
     limit: Annotated[Optional[str], typer.Option(
         help="first N problems of each benchmark, or gsm8k=200,math500=100 (default: all)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="per problem; pass@k uses k=samples")] = 1,
@@ -484,7 +483,8 @@ def leaderboard(
 ) -> None:
     """Evaluate models x benchmarks under one protocol; resumable; JSON, Markdown, plot, HTML."""
     _setup(verbose, threads)
-    from algos.leaderboard import (
+    from algos.evaluation.leaderboard import (
+        DEFAULT_BENCHMARKS,
         LeaderboardConfig,
         ModelSpec,
         SetupError,
@@ -500,7 +500,8 @@ def leaderboard(
             specs.append(ModelSpec.for_endpoint(endpoint, endpoint_model,
                                                 tokenizer=endpoint_tokenizer))
         config = LeaderboardConfig(
-            benchmarks=tuple(benchmarks.split(",")), limit=parse_limit(limit), samples=samples,
+            benchmarks=tuple(benchmarks.split(",")) if benchmarks else DEFAULT_BENCHMARKS,
+            limit=parse_limit(limit), samples=samples,
             temperature=temperature, top_p=top_p, max_turns=max_turns,
             max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch=batch,
             seed=seed, data_dir=str(data_dir) if data_dir else None,
@@ -515,7 +516,3 @@ def leaderboard(
     typer.echo((out / "leaderboard.md").read_text())
     typer.echo(f"results: {out / 'results.json'}  page: {out / 'index.html'}"
                + ("" if results["complete"] else "  (incomplete: rerun to finish)"))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
