@@ -255,7 +255,7 @@ def train(
     """
     _setup(verbose, threads)
     import algos
-    from algos.evaluation import bootstrap_pass1, heldout_problems, problem_source
+    from algos.evaluation import heldout_problems, problem_source
     from algos.models import load_policy, train_top_layers
 
     job = MAIN_JOB_RUN if main_job_defaults else LIBRARY_RUN
@@ -357,23 +357,7 @@ def train(
         if eval_problems:
             evals["after"] = timed_eval("after")
             (run_dir / "eval_after.json").write_text(json.dumps(evals["after"], indent=2))
-    start_name = "after_warmup" if "after_warmup" in evals else "before"
-    for name, result in evals.items():
-        records = result.pop("records")
-        result["records_file"] = f"eval_{name}.json"
-        evals[name] = (result, records)
-    if "after" in evals and start_name in evals:
-        low, high = bootstrap_pass1(evals["after"][1], evals[start_name][1])
-        report[f"rl_gain_over_{start_name}"] = {
-            "pass@1": evals["after"][0]["pass@1"] - evals[start_name][0]["pass@1"],
-            "ci95_paired": [low, high]}
-    if "after" in evals and "before" in evals and start_name != "before":
-        low, high = bootstrap_pass1(evals["after"][1], evals["before"][1])
-        report["gain_over_before"] = {
-            "pass@1": evals["after"][0]["pass@1"] - evals["before"][0]["pass@1"],
-            "ci95_paired": [low, high]}
-    for name, (result, _) in evals.items():
-        report[name] = result
+    report.update(evaluation_report(evals))
     from algos.metrics import plot_curves
 
     curves = plot_curves(run_dir) if (run_dir / "metrics.jsonl").exists() else None
@@ -383,8 +367,38 @@ def train(
     report["torch_threads"] = torch_threads()
     report["load_average"] = list(os.getloadavg())
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print_summary(report, eval_samples)
+    typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
+
+
+def evaluation_report(evals: dict[str, dict]) -> dict[str, Any]:
+    """Each evaluation's summary (its per-sample records stay in ``eval_<name>.json``) and the
+    gains with paired bootstrap intervals: RL's over its start (the warm-up checkpoint when there
+    is one), and the whole job's over the base model."""
+    from algos.evaluation import bootstrap_pass1
+
+    report: dict[str, Any] = {}
+    records = {name: result.pop("records") for name, result in evals.items()}
+    for name, result in evals.items():
+        result["records_file"] = f"eval_{name}.json"
+        report[name] = result
+
+    def gain(start: str) -> dict[str, Any]:
+        low, high = bootstrap_pass1(records["after"], records[start])
+        return {"pass@1": evals["after"]["pass@1"] - evals[start]["pass@1"],
+                "ci95_paired": [low, high]}
+
+    start = "after_warmup" if "after_warmup" in evals else "before"
+    if "after" in evals and start in evals:
+        report[f"rl_gain_over_{start}"] = gain(start)
+    if "after" in evals and "before" in evals and start != "before":
+        report["gain_over_before"] = gain("before")
+    return report
+
+
+def print_summary(report: dict[str, Any], eval_samples: int) -> None:
     typer.echo("")
-    typer.echo(f"== {algo} on {env} with {model}")
+    typer.echo(f"== {report['algo']} on {report['env']} with {report['model']}")
     for when in ("before", "after_warmup", "after"):
         if when in report:
             r = report[when]
@@ -392,7 +406,6 @@ def train(
             typer.echo(f"{when:>12}: pass@1 {r['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
                        f"{r['problems']} held-out problems x {eval_samples}, tool-call rate "
                        f"{r['tool_call_rate']:.2f}, mean turns {r['mean_turns']:.2f}")
-    typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
     typer.echo(f"peak memory {report['peak_memory_gib']} GiB, wall time {report['wall_s']} s")
 
 

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 import gymnasium  # noqa: E402
 
 from algos.evaluation.provenance import git_commit, machine_info  # noqa: E402
+from algos.evaluation.report import md_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train")
 
@@ -584,15 +585,8 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
-def write_markdown(report: dict, path: Path) -> None:
+def _intro(report: dict) -> list[str]:
+    """Heading: machine, load and the shape every configuration ran at."""
     m, shape = report["machine"], report["shape"]
     loads = [" / ".join(f"{x:.2f}" for x in report[k]) for k in ("load_start", "load_end")]
     heading = (
@@ -620,8 +614,12 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{report['wall_s'] / 60:.1f} min."
     )
     lines = ["# Training throughput benchmark", "", heading, "", load, "", setup, ""]
+    return lines
 
-    lines += ["## Throughput, seconds per phase, peak memory", ""]
+
+def _throughput_section(report: dict) -> list[str]:
+    """Tokens/s, seconds per phase and peak memory per configuration."""
+    lines = ["## Throughput, seconds per phase, peak memory", ""]
     rows = []
     for r in report["results"]:
         s = r["summary"]
@@ -642,7 +640,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 _gib(r["peak_rss_tree_sampled_bytes"]),
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "model",
             "algo",
@@ -687,7 +685,12 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
     ]
 
-    lines += ["## Inside the rollout: against plain `model.generate` on the same prompts", ""]
+    return lines
+
+
+def _rollout_section(report: dict) -> list[str]:
+    """The rollout against plain `model.generate` on the same prompts."""
+    lines = ["## Inside the rollout: against plain `model.generate` on the same prompts", ""]
     rows = []
     for r in report["results"]:
         s = r["summary"]
@@ -708,7 +711,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{s['turns_mean']:.2f}",
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "model",
             "algo",
@@ -744,7 +747,12 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
     ]
 
-    lines += ["## Inside the update, and memory", ""]
+    return lines
+
+
+def _update_section(report: dict) -> list[str]:
+    """Where the update phase spends its time, and memory."""
+    lines = ["## Inside the update, and memory", ""]
     rows = []
     for r in report["results"]:
         s = r["summary"]
@@ -764,7 +772,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 _gib(r["peak_rss_sandbox_sampled_bytes"]),
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "model",
             "algo",
@@ -792,6 +800,12 @@ def write_markdown(report: dict, path: Path) -> None:
         ),
     ]
 
+    return lines
+
+
+def _notes(report: dict) -> list[str]:
+    """Code changes during the run, the thread probe and free-form notes."""
+    lines: list[str] = []
     commits = sorted({r["commit"] for r in report["results"]})
     if len(commits) > 1:
         lines += [
@@ -817,8 +831,13 @@ def write_markdown(report: dict, path: Path) -> None:
         ]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [*_intro(report), *_throughput_section(report), *_rollout_section(report),
+             *_update_section(report), *_notes(report)]
+    path.write_text("\n".join(lines) + "\n")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
