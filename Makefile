@@ -28,4 +28,4 @@ docker-engine:
 bench: setup
 	$(PY) benchmarks/sandbox.py
 	$(PY) benchmarks/env.py
-	$(PY) benchmarks/algos.py
+	$(PY) benchmarks/step_cost.py

@@ -208,6 +208,29 @@ FLAT_TOLERANCE = 1e-6
 """Values of a segment within this (relative to max(1, |value|)) of each other count as equal."""
 
 
+def group_normalize_reference(
+    x: Tensor, segments: Tensor, valid: Tensor, scope: str = "group", eps: float = 1e-6,
+) -> Tensor:
+    """``group_normalize`` as a loop over segments: its readable definition (tests check that
+    the vectorised pass equals it)."""
+    out = torch.zeros_like(x)
+    v = x[valid]
+    batch_std = v.std() if v.numel() > 1 else torch.zeros((), dtype=x.dtype)
+    for segment in segments[valid].unique():
+        members = valid & (segments == segment)
+        values = x[members]
+        size = max(1.0, float(values.abs().max()))
+        if float(values.max() - values.min()) <= FLAT_TOLERANCE * size:
+            continue  # every member scored alike: no preference, 0
+        centered = values - values.mean()
+        if scope == "group":
+            centered = centered / (values.std() + eps)
+        elif scope == "batch":
+            centered = centered / (batch_std + eps)
+        out[members] = centered
+    return out
+
+
 def discounted_cumsum(x: Tensor, discount: float, block: int = 64) -> Tensor:
     """Reverse discounted cumulative sum along the last axis: y_k = sum_{m>=k} d^(m-k) x_m.
 
@@ -225,6 +248,15 @@ def discounted_cumsum(x: Tensor, discount: float, block: int = 64) -> Tensor:
     tail = discount ** torch.arange(k, 0, -1, dtype=torch.float64)  # d^(k - i)
     y = within + after[..., None] * tail.to(x.dtype)
     return y.reshape(*lead, nb * k)[..., :n]
+
+
+def discounted_cumsum_reference(x: Tensor, discount: float) -> Tensor:
+    """``discounted_cumsum`` as the loop it replaces: its readable definition."""
+    out, acc = torch.zeros_like(x), torch.zeros_like(x[..., 0])
+    for k in reversed(range(x.shape[-1])):
+        acc = x[..., k] + discount * acc
+        out[..., k] = acc
+    return out
 
 
 def _discount_matrix(d: float, n: int, dtype: torch.dtype) -> Tensor:
@@ -329,6 +361,25 @@ def gae(
     v_next = torch.nn.functional.pad(v[:, 1:], (0, 1))  # 0 past the last step: terminal
     adv = discounted_cumsum(r + gamma * v_next - v, gamma * lam)
     return unpack(adv), unpack(adv + v)
+
+
+def gae_reference(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """``gae`` as CleanRL's loop over each row's masked tokens, last to first: its readable
+    definition."""
+    advantages = torch.zeros_like(values, dtype=torch.float64)
+    for b in range(mask.shape[0]):
+        steps = mask[b].nonzero().squeeze(1).tolist()
+        last = 0.0
+        for k in reversed(range(len(steps))):
+            t = steps[k]
+            next_value = float(values[b, steps[k + 1]]) if k + 1 < len(steps) else 0.0
+            delta = float(token_rewards[b, t]) + gamma * next_value - float(values[b, t])
+            last = delta + gamma * lam * last
+            advantages[b, t] = last
+    returns = torch.where(mask, advantages + values.double(), 0.0)
+    return advantages, returns
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:

@@ -35,72 +35,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from algos.advantages import check_config, get_advantage
-from algos.batch import RolloutBatch
+from algos.batch import RolloutBatch, TokenBatch, rollout_batch
 from algos.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from algos.config import AlgoConfig
 from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
 from algos.generation.base import Generator, SamplingParams
 from algos.generation.hf import HFGenerator
-from algos.losses import policy_loss
+from algos.losses import aggregation_count, policy_loss
 from algos.metrics import MetricsLogger, trajectory_metrics
 from algos.models import load_policy
 from algos.rollout import RolloutConfig, Trajectory, collect, make_vec_env
 from algos.shaping import shape_rewards
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TokenBatch:
-    """Padded token tensors of B trajectories, aligned with a ``RolloutBatch``."""
-
-    input_ids: Tensor  # long[B, L], right-padded
-    attention_mask: Tensor  # long[B, L]
-    old_logprobs: Tensor  # float[B, L], sampling logprobs on generated tokens, 0 elsewhere
-
-    @classmethod
-    def build(cls, trajectories: list[Trajectory], pad_id: int) -> tuple[TokenBatch, list]:
-        """The tensors plus each trajectory's per-turn spans of generated tokens."""
-        width = max(len(t.token_ids) for t in trajectories)
-        n = len(trajectories)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        old_logprobs = torch.zeros((n, width))
-        spans = []
-        for row, trajectory in enumerate(trajectories):
-            ids = trajectory.token_ids
-            input_ids[row, : len(ids)] = torch.as_tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            pos, row_spans = len(trajectory.prompt_ids), []
-            for turn in trajectory.turns:
-                end = pos + len(turn.generated_ids)
-                old_logprobs[row, pos:end] = torch.as_tensor(turn.logprobs)
-                row_spans.append((pos, end))
-                pos = end + len(turn.env_ids)
-            spans.append(row_spans)
-        return cls(input_ids, attention_mask, old_logprobs), spans
-
-
-def rollout_batch(trajectories: list[Trajectory], spans: list, seq_len: int) -> RolloutBatch:
-    """The turn-level view of the trajectories (``algos.batch``)."""
-
-    def component(name: str) -> list[list[float]]:
-        return [
-            [float(t.info.get("reward_components", {}).get(name, 0.0)) for t in traj.turns]
-            for traj in trajectories
-        ]
-
-    return RolloutBatch.build(
-        group_ids=[t.group_id for t in trajectories],
-        turn_rewards=[t.rewards for t in trajectories],
-        turn_spans=spans,
-        seq_len=seq_len,
-        infra_error=[t.infra_error for t in trajectories],
-        correct=[t.correct for t in trajectories],
-        void=[t.has_void_turn for t in trajectories],
-        turn_accuracy=component("accuracy"),
-        turn_format=component("format"),
-    )
 
 
 def logits_needed(loss_mask: Tensor) -> int:
@@ -475,7 +422,9 @@ class Agent:
 
         Each epoch splits a shuffle of the rows that reach the loss into ``ceil(B /
         minibatch_size)`` minibatches, one optimizer step each, so methods and filter settings
-        get the same number of steps (a minibatch that carries no gradient is skipped).
+        get the same number of steps (a minibatch that carries no gradient is skipped). The
+        metrics include where the time went (forward + backward, optimizer) and what the forward
+        passes ran over, so a benchmark reads them instead of wrapping methods.
         """
         cfg = self.config
         n = tokens.input_ids.shape[0]
@@ -492,12 +441,14 @@ class Agent:
             data["old_values"] = values
             data["returns"] = advantages.returns.float()
         # A row whose advantages are all 0 adds nothing to the policy gradient; unless a KL,
-        # entropy or value term reads it, it is left out of the forward pass (it still counts in
-        # the loss normaliser, so the gradient is unchanged). Groups whose samples all scored the
-        # same, common early in training, then cost nothing to update on.
-        skip_flat = values is None and cfg.kl_coef == 0 and cfg.entropy_coef == 0
+        # entropy or value term reads it, it can be left out of the forward pass (it still counts
+        # in the loss normaliser, so the gradient is unchanged).
+        skip_flat = (cfg.skip_flat_rows and values is None and cfg.kl_coef == 0
+                     and cfg.entropy_coef == 0)
         has_signal = (data["advantages"] != 0).any(1)
         sums: dict[str, float] = defaultdict(float)
+        work = dict.fromkeys(("time/forward_backward_s", "time/optimizer_s", "update/micro_steps",
+                              "update/rows_forward", "tokens/forward", "tokens/forward_padded"), 0.0)
         steps, updated_tokens = 0, 0.0
         generator = torch.Generator().manual_seed(cfg.seed + self.iteration)
         micro = cfg.minibatch_size // cfg.grad_accum_steps
@@ -509,7 +460,7 @@ class Agent:
         for _ in range(cfg.update_epochs):
             order = kept[torch.randperm(len(kept), generator=generator)]
             for rows in order.tensor_split(per_epoch):
-                denominator = self._denominator(loss_mask[rows])
+                denominator = float(aggregation_count(loss_mask[rows], cfg.loss_aggregation))
                 if skip_flat:
                     rows = rows[has_signal[rows]]
                 if not bool(loss_mask[rows].any()):
@@ -521,31 +472,32 @@ class Agent:
                     part = rows[m : m + micro]
                     width = int(tokens.attention_mask[part].sum(1).max())
                     mb = {k: v[part, :width].to(self.device) for k, v in data.items()}
+                    start = time.perf_counter()
                     for key, value in self._micro_step(mb, denominator).items():
                         sums[key] += value * len(part) / len(rows)
+                    work["time/forward_backward_s"] += time.perf_counter() - start
+                    work["update/micro_steps"] += 1
+                    work["update/rows_forward"] += len(part)
+                    work["tokens/forward"] += float(mb["attention_mask"].sum())
+                    work["tokens/forward_padded"] += mb["attention_mask"].numel()
+                start = time.perf_counter()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.trainable.parameters(), cfg.max_grad_norm
                 )
                 sums["lr"] += self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.scheduler.step()
+                work["time/optimizer_s"] += time.perf_counter() - start
                 sums["grad_norm"] += float(grad_norm)
                 steps += 1
                 bar.update(1)
         bar.close()
         self.trainable.eval()
         means = {key: value / max(steps, 1) for key, value in sums.items()}
-        return {**means, "update/steps": steps, "update/rows_in_loss": float(in_loss.sum()),
+        return {**means, **work, "update/steps": steps,
+                "update/rows_in_loss": float(in_loss.sum()),
+                "update/rows_with_signal": float((has_signal & in_loss).sum()),
                 "tokens/updated": updated_tokens}
-
-    def _denominator(self, mask: Tensor) -> float:
-        """The minibatch-wide divisor, so micro-batch losses add up to the minibatch's loss."""
-        mode = self.config.loss_aggregation
-        if mode == "token_mean":
-            return float(mask.sum().clamp(min=1))
-        if mode == "seq_mean":
-            return float((mask.sum(1) > 0).sum().clamp(min=1))
-        return float(max(mask.shape[0], 1))
 
     def loss_constant(self) -> float | None:
         """Dr.GRPO's fixed normaliser: the config's, else the episode's generation budget."""
@@ -655,11 +607,6 @@ class Agent:
 
         saved = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.policy.dtype)
         self.policy.load_state_dict(saved.state_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, env="TIR-Math-v0", config=None, **kwargs) -> Agent:
-        """An agent around a model saved by ``save`` (or any HF model directory)."""
-        return cls(os.fspath(path), env, config, **kwargs)
 
     def close(self) -> None:
         if self._vec_env is not None and isinstance(self._env, str):

@@ -30,7 +30,8 @@ code loops over tokens.
 
 What the batch does not hold travels beside it, one entry per row: each trajectory's code for
 shaping (``algos.shaping.join_code`` of its turns' code blocks) and, for PPO, the critic's
-``values [B, L]``. Build a batch from per-trajectory lists with :meth:`RolloutBatch.build`.
+``values [B, L]``. Build a batch from per-trajectory lists with :meth:`RolloutBatch.build`, or
+from rollouts with :meth:`TokenBatch.build` (the model's padded inputs) and :func:`rollout_batch`.
 """
 
 from __future__ import annotations
@@ -39,16 +40,22 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from algos.rollout import Trajectory
+
 __all__ = [
     "RolloutBatch",
+    "TokenBatch",
     "final_turn_index",
     "final_turn_value",
     "put_on_final_turn",
+    "rollout_batch",
     "turn_to_tokens",
 ]
 
@@ -190,3 +197,56 @@ def put_on_final_turn(values: Tensor, turn_mask: Tensor) -> Tensor:
     out = torch.zeros(turn_mask.shape, dtype=values.dtype)
     last = final_turn_index(turn_mask)[:, None]
     return out.scatter(1, last, values[:, None]) * turn_mask
+
+
+@dataclass
+class TokenBatch:
+    """Padded token tensors of B trajectories, aligned with a ``RolloutBatch``."""
+
+    input_ids: Tensor  # long[B, L], right-padded
+    attention_mask: Tensor  # long[B, L]
+    old_logprobs: Tensor  # float[B, L], sampling logprobs on generated tokens, 0 elsewhere
+
+    @classmethod
+    def build(cls, trajectories: Sequence[Trajectory], pad_id: int) -> tuple[TokenBatch, list]:
+        """The tensors plus each trajectory's per-turn spans of generated tokens."""
+        width = max(len(t.token_ids) for t in trajectories)
+        n = len(trajectories)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        old_logprobs = torch.zeros((n, width))
+        spans = []
+        for row, trajectory in enumerate(trajectories):
+            ids = trajectory.token_ids
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            pos, row_spans = len(trajectory.prompt_ids), []
+            for turn in trajectory.turns:
+                end = pos + len(turn.generated_ids)
+                old_logprobs[row, pos:end] = torch.as_tensor(turn.logprobs)
+                row_spans.append((pos, end))
+                pos = end + len(turn.env_ids)
+            spans.append(row_spans)
+        return cls(input_ids, attention_mask, old_logprobs), spans
+
+
+def rollout_batch(trajectories: Sequence[Trajectory], spans: list, seq_len: int) -> RolloutBatch:
+    """The turn-level view of the trajectories, token spans from ``TokenBatch.build``."""
+
+    def component(name: str) -> list[list[float]]:
+        return [
+            [float(t.info.get("reward_components", {}).get(name, 0.0)) for t in traj.turns]
+            for traj in trajectories
+        ]
+
+    return RolloutBatch.build(
+        group_ids=[t.group_id for t in trajectories],
+        turn_rewards=[t.rewards for t in trajectories],
+        turn_spans=spans,
+        seq_len=seq_len,
+        infra_error=[t.infra_error for t in trajectories],
+        correct=[t.correct for t in trajectories],
+        void=[t.has_void_turn for t in trajectories],
+        turn_accuracy=component("accuracy"),
+        turn_format=component("format"),
+    )

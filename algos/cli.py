@@ -19,7 +19,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from algos.leaderboard import DEFAULT_BENCHMARKS
 from algos.models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -27,9 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="tir-gym: train and evaluate language models on TIR environments.")
 logger = logging.getLogger("tir")
 
-# The main job's defaults (`make train`), sized for a 15-minute budget on 2 CPU cores, warm-up
-# and evaluations included. Short turns: the warmed-up model's turns are a one-line
-# program and a boxed number, and on a CPU sequence length is most of the cost.
+# The main job's defaults (`make train`), sized for a 15-minute training budget (warm-up and RL)
+# on 2 CPU cores; README.md has the measured times. Short turns: the warmed-up model's turns are
+# a one-line program and a boxed number, and on a CPU sequence length is most of the cost.
 MAIN_JOB = {
     "prompts_per_iteration": 4,
     "group_size": 4,
@@ -139,8 +138,7 @@ THREADS_HELP = "torch CPU threads (default: torch's choice); 1 is much faster on
 
 def _setup(verbose: bool, threads: Optional[int] = None) -> None:
     """Logging for the command, and torch's thread count: OpenMP threads that compete with other
-    processes for cores spin and stall (measured 5-8x slower generation at 2 threads on a busy
-    2-core machine)."""
+    processes for cores spin and stall, so on a shared machine fewer threads can be faster."""
     if threads is not None:
         import torch
 
@@ -257,7 +255,7 @@ def train(
     """
     _setup(verbose, threads)
     import algos
-    from algos.evaluation import bootstrap_pass1, heldout_problems, problem_source
+    from algos.evaluation import heldout_problems, problem_source
     from algos.models import load_policy, train_top_layers
 
     job = MAIN_JOB_RUN if main_job_defaults else LIBRARY_RUN
@@ -359,23 +357,7 @@ def train(
         if eval_problems:
             evals["after"] = timed_eval("after")
             (run_dir / "eval_after.json").write_text(json.dumps(evals["after"], indent=2))
-    start_name = "after_warmup" if "after_warmup" in evals else "before"
-    for name, result in evals.items():
-        records = result.pop("records")
-        result["records_file"] = f"eval_{name}.json"
-        evals[name] = (result, records)
-    if "after" in evals and start_name in evals:
-        low, high = bootstrap_pass1(evals["after"][1], evals[start_name][1])
-        report[f"rl_gain_over_{start_name}"] = {
-            "pass@1": evals["after"][0]["pass@1"] - evals[start_name][0]["pass@1"],
-            "ci95_paired": [low, high]}
-    if "after" in evals and "before" in evals and start_name != "before":
-        low, high = bootstrap_pass1(evals["after"][1], evals["before"][1])
-        report["gain_over_before"] = {
-            "pass@1": evals["after"][0]["pass@1"] - evals["before"][0]["pass@1"],
-            "ci95_paired": [low, high]}
-    for name, (result, _) in evals.items():
-        report[name] = result
+    report.update(evaluation_report(evals))
     from algos.metrics import plot_curves
 
     curves = plot_curves(run_dir) if (run_dir / "metrics.jsonl").exists() else None
@@ -385,8 +367,38 @@ def train(
     report["torch_threads"] = torch_threads()
     report["load_average"] = list(os.getloadavg())
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print_summary(report, eval_samples)
+    typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
+
+
+def evaluation_report(evals: dict[str, dict]) -> dict[str, Any]:
+    """Each evaluation's summary (its per-sample records stay in ``eval_<name>.json``) and the
+    gains with paired bootstrap intervals: RL's over its start (the warm-up checkpoint when there
+    is one), and the whole job's over the base model."""
+    from algos.evaluation import bootstrap_pass1
+
+    report: dict[str, Any] = {}
+    records = {name: result.pop("records") for name, result in evals.items()}
+    for name, result in evals.items():
+        result["records_file"] = f"eval_{name}.json"
+        report[name] = result
+
+    def gain(start: str) -> dict[str, Any]:
+        low, high = bootstrap_pass1(records["after"], records[start])
+        return {"pass@1": evals["after"]["pass@1"] - evals[start]["pass@1"],
+                "ci95_paired": [low, high]}
+
+    start = "after_warmup" if "after_warmup" in evals else "before"
+    if "after" in evals and start in evals:
+        report[f"rl_gain_over_{start}"] = gain(start)
+    if "after" in evals and "before" in evals and start != "before":
+        report["gain_over_before"] = gain("before")
+    return report
+
+
+def print_summary(report: dict[str, Any], eval_samples: int) -> None:
     typer.echo("")
-    typer.echo(f"== {algo} on {env} with {model}")
+    typer.echo(f"== {report['algo']} on {report['env']} with {report['model']}")
     for when in ("before", "after_warmup", "after"):
         if when in report:
             r = report[when]
@@ -394,7 +406,6 @@ def train(
             typer.echo(f"{when:>12}: pass@1 {r['pass@1']:.3f} [{low:.3f}, {high:.3f}] on "
                        f"{r['problems']} held-out problems x {eval_samples}, tool-call rate "
                        f"{r['tool_call_rate']:.2f}, mean turns {r['mean_turns']:.2f}")
-    typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
     typer.echo(f"peak memory {report['peak_memory_gib']} GiB, wall time {report['wall_s']} s")
 
 
@@ -464,7 +475,8 @@ def leaderboard(
     endpoint_model: Annotated[Optional[str], typer.Option(help="the served model name")] = None,
     endpoint_tokenizer: Annotated[Optional[str], typer.Option(
         help="model dir or hub id of the endpoint's tokenizer (default: --endpoint-model)")] = None,
-    benchmarks: Annotated[str, typer.Option(help="comma list")] = ",".join(DEFAULT_BENCHMARKS),
+    benchmarks: Annotated[Optional[str], typer.Option(
+        help="comma list (default: gsm8k,svamp,math500,aime24,amc23, the shipped five)")] = None,
     limit: Annotated[Optional[str], typer.Option(
         help="first N problems of each benchmark, or gsm8k=200,math500=100 (default: all)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="per problem; pass@k uses k=samples")] = 1,
@@ -484,7 +496,8 @@ def leaderboard(
 ) -> None:
     """Evaluate models x benchmarks under one protocol; resumable; JSON, Markdown, plot, HTML."""
     _setup(verbose, threads)
-    from algos.leaderboard import (
+    from algos.evaluation.leaderboard import (
+        DEFAULT_BENCHMARKS,
         LeaderboardConfig,
         ModelSpec,
         SetupError,
@@ -500,7 +513,8 @@ def leaderboard(
             specs.append(ModelSpec.for_endpoint(endpoint, endpoint_model,
                                                 tokenizer=endpoint_tokenizer))
         config = LeaderboardConfig(
-            benchmarks=tuple(benchmarks.split(",")), limit=parse_limit(limit), samples=samples,
+            benchmarks=tuple(benchmarks.split(",")) if benchmarks else DEFAULT_BENCHMARKS,
+            limit=parse_limit(limit), samples=samples,
             temperature=temperature, top_p=top_p, max_turns=max_turns,
             max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch=batch,
             seed=seed, data_dir=str(data_dir) if data_dir else None,
@@ -515,7 +529,3 @@ def leaderboard(
     typer.echo((out / "leaderboard.md").read_text())
     typer.echo(f"results: {out / 'results.json'}  page: {out / 'index.html'}"
                + ("" if results["complete"] else "  (incomplete: rerun to finish)"))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()

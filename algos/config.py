@@ -114,6 +114,11 @@ class AlgoConfig:
     out of the batch, so the normaliser counts only informative tokens: DAPO's dynamic
     sampling without the resampling). keep by default, as GRPO and TRL define the loss; drop
     scales the step up as groups saturate, which is what DAPO wants and a small model may not."""
+    skip_flat_rows: bool = True
+    """Leave rows whose advantages are all 0 out of the update's forward pass when no KL,
+    entropy or value term reads them. They still count in the loss normaliser, so the gradient
+    is the same and only time is saved (groups that all scored alike cost nothing); off, every
+    row is computed (what a throughput benchmark times)."""
 
     # --- GTPO self-supervised reward shaping (see algos.shaping) ---
     shaping: bool = False
@@ -262,12 +267,9 @@ class PPOConfig(AlgoConfig):
     """Normalise GAE advantages to mean 0, std 1 over the batch's generated tokens (verl)."""
     critic_trains_trunk: bool = False
     """Whether the value loss trains the transformer the policy shares with the value head. Off,
-    the head learns on detached features and the critic cannot wreck the policy: on
-    ``benchmarks/compare.py``'s task at lr 5e-4, a trunk-training critic broke every tool call
-    within 3 iterations (held-out 28% -> 0%), while a probe without the value-loss gradient
-    reached 48% in 10. (Detached, PPO still collapsed at that lr, later: 0% by iteration 20, 60
-    and 80 in 3 seeds.) On, it is the classic shared actor-critic (e.g. TRL's former value-head
-    PPO)."""
+    the head learns on detached features and an untrained critic cannot wreck the policy (on
+    ``benchmarks/compare.py``'s task a trunk-training critic broke every tool call within 3
+    iterations). On, it is the classic shared actor-critic (e.g. TRL's former value-head PPO)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -30,6 +30,21 @@ class LossOutput(NamedTuple):
     """Detached scalars, token means over the mask: what the update did."""
 
 
+def aggregation_count(mask: Tensor, mode: str) -> Tensor:
+    """What ``aggregate`` divides by in ``mode`` (before ``constant``): the masked tokens
+    (token_mean), the sequences with any masked token (seq_mean) or the rows (constant); at
+    least 1. A minibatch split into micro-batches passes its own count as ``denominator``."""
+    if mode == "token_mean":
+        count = mask.sum()
+    elif mode == "seq_mean":
+        count = (mask.sum(1) > 0).sum()
+    elif mode == "constant":
+        count = torch.tensor(mask.shape[0])
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return count.clamp(min=1)
+
+
 def aggregate(
     x: Tensor, mask: Tensor, mode: str = "token_mean", *, constant: float | None = None,
     denominator: float | None = None,
@@ -44,18 +59,13 @@ def aggregate(
     ``denominator`` replaces the count in the divisor (tokens, sequences or B) when a minibatch is
     split into micro-batches: pass the whole minibatch's count and sum the micro-batch losses.
     """
+    count = aggregation_count(mask, mode) if denominator is None else denominator
     x = torch.where(mask, x, 0.0)
-    if mode == "token_mean":
-        return x.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
     if mode == "seq_mean":
-        lengths = mask.sum(1)
-        per_seq = x.sum(1) / lengths.clamp(min=1)
-        count = (lengths > 0).sum().clamp(min=1) if denominator is None else denominator
-        return per_seq.sum() / count
+        return (x.sum(1) / mask.sum(1).clamp(min=1)).sum() / count
     if mode == "constant":
-        rows = mask.shape[0] if denominator is None else denominator
-        return x.sum() / (rows * (mask.shape[1] if constant is None else constant))
-    raise ValueError(f"unknown loss aggregation {mode!r}")
+        return x.sum() / (count * (mask.shape[1] if constant is None else constant))
+    return x.sum() / count
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:

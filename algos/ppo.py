@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from algos.agent import Agent, TokenBatch, logits_needed, register_algorithm
-from algos.batch import RolloutBatch
+from algos.agent import Agent, logits_needed, register_algorithm
+from algos.batch import RolloutBatch, TokenBatch
 from algos.config import PPOConfig
 from algos.losses import value_loss
 from algos.models import PolicyWithValue

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -171,6 +174,35 @@ class LexicalSimilarity:
             doc_all, bucket_all = doc_all[order], bucket_all[order]
         return (torch.from_numpy(doc_all.astype(np.int64)),
                 torch.from_numpy(bucket_all.astype(np.int64)))
+
+
+def lexical_similarity_reference(
+    codes: Sequence[str], groups: Tensor, references: Tensor, ngram_range: tuple[int, int] = (3, 3),
+) -> Tensor:
+    """``LexicalSimilarity`` without hashing, in plain Python, one group at a time: its readable
+    definition (scikit-learn's character TF-IDF with smooth idf, fitted on the group; each code's
+    mean cosine to the group's references)."""
+    out = torch.zeros(len(codes))
+    lo, hi = ngram_range
+    for group in groups.unique().tolist():
+        members = (groups == group).nonzero().squeeze(1).tolist()
+        counts = []
+        for i in members:
+            text = re.sub(rb"\s\s+", b" ", codes[i].encode("utf-8", "replace"))
+            counts.append(Counter(text[k : k + n] for n in range(lo, hi + 1)
+                                  for k in range(len(text) - n + 1)))
+        df = Counter(gram for count in counts for gram in count)
+        idf = {gram: math.log((1 + len(members)) / (1 + d)) + 1 for gram, d in df.items()}
+        units = []
+        for count in counts:
+            vector = {gram: c * idf[gram] for gram, c in count.items()}
+            norm = math.sqrt(sum(x * x for x in vector.values())) or 1.0
+            units.append({gram: x / norm for gram, x in vector.items()})
+        refs = [units[k] for k, i in enumerate(members) if references[i]]
+        for k, i in enumerate(members):
+            cosines = [sum(x * ref.get(gram, 0.0) for gram, x in units[k].items()) for ref in refs]
+            out[i] = sum(cosines) / len(refs) if refs else 0.0
+    return out
 
 
 class EmbeddingSimilarity:

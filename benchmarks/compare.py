@@ -30,13 +30,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import datetime as dt
 import json
 import logging
 import multiprocessing
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from algos.evaluation.provenance import machine_info  # noqa: E402
 from algos.warmup import heldout_ids  # noqa: E402
 from benchmarks.warmup import (  # noqa: E402
     KINDS,
@@ -418,23 +416,11 @@ def verdict(diff: dict | None) -> str:
             "the paper reports +3.0 points on math benchmarks with far larger models.")
 
 
-def machine_info(started: float, load_start: tuple[float, ...]) -> dict:
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=False,
-                            capture_output=True, text=True).stdout.strip()
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "commit": commit,
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "wall_seconds_this_invocation": time.perf_counter() - started,
-    }
+def run_provenance(started: float, load_start: tuple[float, ...]) -> dict:
+    """The machine record, with the load at this invocation's start and end."""
+    return {**machine_info(("torch",)), "load_average_start": list(load_start),
+            "load_average_end": list(os.getloadavg()),
+            "wall_seconds_this_invocation": time.perf_counter() - started}
 
 
 def write_markdown(path: Path, results: dict, title: str) -> None:
@@ -606,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_run_median": float(np.median(
             [r["seconds"] for r in sweep.values()]
             + [r["seconds"] for by_seed in runs.values() for r in by_seed.values()])),
-        "machine": machine_info(started, load_start),
+        "machine": run_provenance(started, load_start),
     }
     write_json(out / "results.json", results)
     write_markdown(out / "compare.md", results, title)

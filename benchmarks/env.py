@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import gymnasium as gym
 import numpy as np
 
 import tir_envs
+from algos.evaluation.provenance import machine_info
 from tir_envs import data, grading
 from tir_envs.procedural import ProceduralProblems, oracle_turn
 from tir_envs.protocol import parse_turn
@@ -229,39 +227,15 @@ def bench_oracle(episodes: int) -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "gymnasium": gym.__version__,
-        "commit": commit,
-        "load_average_1m_at_start": os.getloadavg()[0],
-    }
-
-
 def to_markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         "# Env benchmark",
         "",
-        f"{m['date']} · {m['cpu']} · {m['cores']} cores · Python {m['python']} · "
+        f"{m['date']} · {m['cpu']} · {m['cpus']} cores · Python {m['python']} · "
         f"gymnasium {m['gymnasium']} · commit {m['commit']}",
         "",
-        f"Load average (1 min) at start {m['load_average_1m_at_start']:.2f}, at end "
+        f"Load average (1 min) at start {m['load_average'][0]:.2f}, at end "
         f"{results['load_average_1m_at_end']:.2f} (a shared machine: other work slows runs).",
         "",
         "## Env overhead without sandbox and grader",
@@ -332,7 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    results = {"machine": machine(), "env_ids": list(tir_envs.ENV_IDS)}
+    results = {"machine": machine_info(("gymnasium",)), "env_ids": list(tir_envs.ENV_IDS)}
     results["parsing"] = bench_parsing(repeats=20_000)
     results["step_overhead"] = bench_step_overhead(episodes=2_000)
     if (args.data_dir / "math500.jsonl").exists():

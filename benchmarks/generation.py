@@ -14,11 +14,9 @@ Writes ``benchmarks/results/generation.json`` and ``generation.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from algos.evaluation.provenance import machine_info  # noqa: E402
 from algos.generation import SamplingParams, make_generator  # noqa: E402
 from algos.models import DEFAULT_MODEL, load_policy  # noqa: E402
-from tests.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from algos.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 logger = logging.getLogger("benchmarks.generation")
 QUESTIONS = [
@@ -156,24 +155,19 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     results = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-        },
-        "torch": torch.__version__,
+        "machine": machine_info(),
         "models": [bench_model(m, args.prompts, args.new_tokens, args.repeats) for m in args.models],
     }
     # Other processes on the machine skew every number: record how busy it was.
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
     lines = [
         "# Generation throughput (hf backend vs plain `model.generate`)",
         "",
-        f"{results['date']}, {results['machine']['cpus']} CPUs, "
-        f"{results['machine']['torch_threads']} torch threads, torch {results['torch']}; "
+        f"{m['date']}, {m['cpu']} ({m['cpus']} CPUs), {m['torch_threads']} torch threads, "
+        f"torch {m['torch']}, commit {m['commit']}; "
         "temperature 0.7, same seed, medians of interleaved repeats; 1-min load average "
         f"{results['load_average_1min']['before']:.1f} before, "
         f"{results['load_average_1min']['after']:.1f} after.",

@@ -21,11 +21,8 @@ Writes ``benchmarks/results/sandbox.json`` and ``sandbox.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from algos.evaluation.provenance import machine_info
 from tir_envs.sandbox import make_sandbox
 
 log = logging.getLogger("benchmarks.sandbox")
@@ -220,22 +218,6 @@ def bench_backend(name: str, quick: bool) -> dict:
     return result
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu, "cores": os.cpu_count(), "memory_gib": round(
-            psutil.virtual_memory().total / 2**30, 1),
-        "kernel": platform.release(), "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def docker_available() -> str | None:
     try:
         from tir_envs.sandbox import docker as docker_backend
@@ -249,9 +231,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         "# Sandbox benchmark",
         "",
-        (f"{report['date']} · {m['cpu_model']} · {m['cores']} cores · {m['memory_gib']} GiB · "
-        f"Linux {m['kernel']} · Python {m['python']} · load average at start "
-        f"{', '.join(map(str, m['load_average_at_start']))}"),
+        (f"{m['date']} · {m['cpu']} · {m['cpus']} cores · {m['memory_gib']} GiB · "
+        f"{m['platform']} · Python {m['python']} · commit {m['commit']} · load average at start "
+        f"{', '.join(map(str, m['load_average']))}"),
         "",
         ("Trivial snippet: `print(sum(range(10)))`. Numeric snippet: numpy + sympy (solve a "
         "quadratic, a 2x2 linear system). Baseline: a fresh `python -c` per snippet, same "
@@ -334,8 +316,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "snippets": {"trivial": TRIVIAL, "numeric": NUMERIC}}
+    memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    report = {"machine": {**machine_info(()), "memory_gib": memory_gib},
+              "snippets": {"trivial": TRIVIAL, "numeric": NUMERIC}}
     log.info("baseline: fresh interpreter per snippet")
     repeats = 10 if args.quick else 40
     report["baseline_fresh_python"] = {

@@ -1,6 +1,6 @@
 """Training throughput: rollout and update tokens/s, seconds per phase and peak memory per algorithm.
 
-For each model (a tiny Llama from ``tests/tiny.py`` and the default SmolLM2-135M-Instruct) and each
+For each model (a tiny Llama from ``algos/tiny.py`` and the default SmolLM2-135M-Instruct) and each
 algorithm (gtpo, grpo, ppo), one fresh subprocess builds the agent through ``algos.make`` on
 TIR-Math-v0 with the real local sandbox, runs one warm-up iteration and then a few measured
 iterations of ``Agent.train_iteration`` at one fixed shape (4 prompts x 4 samples, 128 new tokens
@@ -26,7 +26,7 @@ noisy, so a ratio between runs seconds apart is more telling than either absolut
 
 The agent leaves rows whose advantages are all 0 out of the update when nothing else reads them;
 on an untrained model that is every GTPO/GRPO row, leaving no update to time. So the run sets
-``entropy_coef=1e-9`` (numerically inert, but it makes the agent update every row) and records how
+``skip_flat_rows=False`` (the agent updates every row; the gradient is the same) and records how
 many rows the default config would have trained on (``--skip-flat-rows`` keeps the default).
 
 A last probe times one tiny forward + backward with 1 and 2 torch threads: on this shared machine
@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -56,12 +54,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # first, so ``algos`` is the package, not benchmarks/algos.py
+sys.path.insert(0, str(ROOT))
+
+import gymnasium  # noqa: E402
+
+from algos.evaluation.provenance import git_commit, machine_info  # noqa: E402
+from algos.evaluation.report import md_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train")
 
 ALGOS = ("gtpo", "grpo", "ppo")
-UPDATE_KEYS = ("micro_s", "optimizer_s", "tokens", "padded", "loss_tokens", "rows", "micro_steps")
 MODELS = ("tiny", "default")
 
 # The shape every configuration runs at (PPO too, so tokens/s compare; its default would be 64 x 1).
@@ -75,10 +77,39 @@ SHAPE = {
 ROLLOUT = {"max_new_tokens": 128, "max_turns": 2, "max_total_tokens": 1024, "temperature": 1.0}
 # Tiny: lr large enough that the policy moves a little between iterations, as a real run would.
 LR = {"tiny": 1e-4, "default": 2e-6}
-FULL_UPDATE_ENTROPY_COEF = 1e-9
 
 
 # ---------------------------------------------------------------------------------------- worker
+
+
+class TimedVectorEnv(gymnasium.vector.VectorWrapper):
+    """Seconds spent in the vector env's ``reset`` and ``step`` (the agent runs unchanged)."""
+
+    def __init__(self, env: gymnasium.vector.VectorEnv):
+        super().__init__(env)
+        self.clear()
+
+    def clear(self) -> None:
+        self.step_s = self.reset_s = 0.0
+        self.steps = 0
+
+    def reset(self, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.env.reset(**kwargs)
+        finally:
+            self.reset_s += time.perf_counter() - start
+
+    def step(self, actions):
+        start = time.perf_counter()
+        try:
+            return self.env.step(actions)
+        finally:
+            self.step_s += time.perf_counter() - start
+            self.steps += 1
+
+    def get_attr(self, name: str):
+        return self.env.get_attr(name)
 
 
 class _TreeMemory:
@@ -188,7 +219,7 @@ def _probe_threads(threads: int, repeats: int) -> float:
     """Median seconds of one forward + backward of the tiny model over 2 x 128 tokens."""
     import torch
 
-    from tests.tiny import tiny_model, tiny_tokenizer
+    from algos.tiny import tiny_model, tiny_tokenizer
 
     torch.set_num_threads(threads)
     model = tiny_model(0, tiny_tokenizer())
@@ -230,18 +261,18 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     from algos.config import GRPOConfig, GTPOConfig, PPOConfig
     from algos.generation.hf import HFGenerator
     from algos.models import DEFAULT_MODEL, load_policy
-    from algos.rollout import RolloutConfig
+    from algos.rollout import RolloutConfig, make_vec_env
 
     torch.set_num_threads(args.threads)
     memory = _TreeMemory().__enter__()  # peak RSS of this process tree from here on
     config_class = {"gtpo": GTPOConfig, "grpo": GRPOConfig, "ppo": PPOConfig}[args.algo]
     started = time.perf_counter()
     if args.model == "tiny":
-        from tests.tiny import tiny_model, tiny_tokenizer
+        from algos.tiny import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         model = tiny_model(0, tokenizer)
-        model_name = "tiny Llama (tests/tiny.py)"
+        model_name = "tiny Llama (algos/tiny.py)"
     else:
         model, tokenizer = load_policy(DEFAULT_MODEL)
         model_name = DEFAULT_MODEL
@@ -275,61 +306,26 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             return out
 
     generator = TimedGenerator(model, tokenizer)
-    # entropy_coef: numerically inert, but it makes the agent run the update over every row.
     # Otherwise rows whose advantages are all 0 are left out of the forward pass, and on an
     # untrained model (every sample of a group scores the same) that is every row: there would be
     # no update to time. How many rows the default config would train on is recorded below.
-    extra = {"entropy_coef": FULL_UPDATE_ENTROPY_COEF} if args.full_update else {}
+    extra = {"skip_flat_rows": False} if args.full_update else {}
     config = config_class(seed=0, lr=LR[args.model], **SHAPE, **extra)
     rollout = RolloutConfig(
         **{**ROLLOUT, "max_new_tokens": args.max_new_tokens, "max_turns": args.max_turns}
     )
+    vec_env, sandbox = make_vec_env("TIR-Math-v0", config.prompts_per_iteration * config.group_size,
+                                    tokenizer, rollout)
+    env_time = TimedVectorEnv(vec_env)
     agent = algos.make(
         args.algo,
         model,
-        "TIR-Math-v0",
+        env_time,
         config,
         tokenizer=tokenizer,
         rollout=rollout,
         generator=generator,
     )
-    venv = agent.vec_env()
-    env_time = {"step": 0.0, "reset": 0.0, "steps": 0}
-    update_time = dict.fromkeys(UPDATE_KEYS, 0)
-
-    def timed(store, name, fn, count=None, tokens=False):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                store[name] += time.perf_counter() - t0
-                if count:
-                    store[count] += 1
-                if tokens:  # _micro_step(mb, denominator): what it ran over
-                    mask = a[0]["attention_mask"]
-                    store["tokens"] += int(mask.sum())
-                    store["padded"] += mask.numel()
-                    store["loss_tokens"] += int(a[0]["loss_mask"].sum())
-                    store["rows"] += mask.shape[0]
-
-        return wrapper
-
-    # Instance attributes shadow the methods, so the agent's own code paths are what gets timed.
-    venv.step = timed(env_time, "step", venv.step, count="steps")
-    venv.reset = timed(env_time, "reset", venv.reset)
-    agent._micro_step = timed(update_time, "micro_s", agent._micro_step, "micro_steps", True)
-    agent.optimizer.step = timed(update_time, "optimizer_s", agent.optimizer.step)
-    signal = {"rows": 0}
-    estimator = agent.estimator
-
-    def counting_estimator(batch, cfg, values):
-        advantages = estimator(batch, cfg, values)
-        signal["rows"] = int((advantages.tokens != 0).any(1).sum())
-        return advantages
-
-    agent.estimator = counting_estimator
-
     iterations = []
     total = args.warmup + args.iterations
     for it in range(total):
@@ -345,8 +341,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         )
         generator.calls.clear()
         generator.first_prompts = None
-        env_time.update(step=0.0, reset=0.0, steps=0)
-        update_time.update(dict.fromkeys(UPDATE_KEYS, 0))
+        env_time.clear()
         metrics = agent.train_iteration()
         calls = list(generator.calls)
         gen_s = sum(c["seconds"] for c in calls)
@@ -361,32 +356,32 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             "update_tokens_per_s": metrics["tokens/update_per_s"],
             "generate_s": gen_s,
             "generate_tokens_per_s": sum(c["tokens"] for c in calls) / max(gen_s, 1e-9),
-            "env_step_s": env_time["step"],
-            "env_reset_s": env_time["reset"],
-            "env_steps": env_time["steps"],
+            "env_step_s": env_time.step_s,
+            "env_reset_s": env_time.reset_s,
+            "env_steps": env_time.steps,
             "rollout_other_s": metrics["time/rollout_s"]
             - gen_s
-            - env_time["step"]
-            - env_time["reset"],
+            - env_time.step_s
+            - env_time.reset_s,
             "turn_calls": calls,
             "slot_utilisation": sum(c["tokens"] for c in calls)
             / max(sum(c["rows"] * c["steps"] for c in calls), 1),
-            "update_forward_backward_s": update_time["micro_s"],
-            "update_optimizer_s": update_time["optimizer_s"],
-            "update_micro_steps": update_time["micro_steps"],
-            "update_sequence_tokens": update_time["tokens"],
-            "update_padded_tokens": update_time["padded"],
-            "update_loss_tokens": update_time["loss_tokens"],
-            "update_rows": update_time["rows"],
+            "update_forward_backward_s": metrics["time/forward_backward_s"],
+            "update_optimizer_s": metrics["time/optimizer_s"],
+            "update_micro_steps": metrics["update/micro_steps"],
+            "update_sequence_tokens": metrics["tokens/forward"],
+            "update_padded_tokens": metrics["tokens/forward_padded"],
+            "update_loss_tokens": metrics["tokens/updated"],
+            "update_rows": metrics["update/rows_forward"],
             "batch_rows": agent.batch_size * config.update_epochs,
-            "rows_with_signal": signal["rows"],
+            "rows_with_signal": metrics["update/rows_with_signal"],
             # Measured over what the update actually ran on (the agent leaves out rows whose
             # advantages are all 0 when nothing else reads them); None when it ran on nothing.
-            "update_processed_tokens_per_s": update_time["loss_tokens"] / metrics["time/update_s"]
-            if update_time["rows"]
+            "update_processed_tokens_per_s": metrics["tokens/updated"] / metrics["time/update_s"]
+            if metrics["update/rows_forward"]
             else None,
-            "update_all_tokens_per_s": update_time["tokens"] / metrics["time/update_s"]
-            if update_time["rows"]
+            "update_all_tokens_per_s": metrics["tokens/forward"] / metrics["time/update_s"]
+            if metrics["update/rows_forward"]
             else None,
             "turns_mean": metrics.get("turns/mean"),
             "tool_call_rate": metrics.get("tool_call_rate"),
@@ -420,11 +415,11 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             record["rollout_s"],
             record["generated_tokens"],
             gen_s,
-            env_time["step"],
+            env_time.step_s,
             record["advantage_s"],
             record["update_s"],
-            update_time["micro_s"],
-            update_time["optimizer_s"],
+            record["update_forward_backward_s"],
+            record["update_optimizer_s"],
             f" | plain generate {record['plain_generate']['tokens_per_s']:.1f} tok/s"
             if "plain_generate" in record
             else "",
@@ -434,6 +429,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         )
     memory.__exit__(None, None, None)
     agent.close()
+    env_time.close()
+    sandbox.close()
     usage_children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "model": args.model,
@@ -524,51 +521,6 @@ def summarize(result: dict) -> dict:
     return s
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
-
-
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "transformers", "gymnasium"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_config(model: str, algo: str, args: argparse.Namespace) -> dict:
     iterations = args.iterations if model == "tiny" else args.default_iterations
     with tempfile.TemporaryDirectory() as tmp:
@@ -633,24 +585,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join("---" for _ in header) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
-def write_markdown(report: dict, path: Path) -> None:
-    m, shape, v = report["machine"], report["shape"], report["versions"]
+def _intro(report: dict) -> list[str]:
+    """Heading: machine, load and the shape every configuration ran at."""
+    m, shape = report["machine"], report["shape"]
     loads = [" / ".join(f"{x:.2f}" for x in report[k]) for k in ("load_start", "load_end")]
     heading = (
-        f"{report['date']} · {m['cpu']} · {m['cores']} cores · Python {m['python']} · "
-        f"torch {v['torch']} · transformers {v['transformers']} · commit {report['commit']}"
+        f"{m['date']} · {m['cpu']} · {m['cpus']} cores · Python {m['python']} · "
+        f"torch {m['torch']} · transformers {m['transformers']} · commit {m['commit']}"
     )
     load = (
         f"Load average (1 / 5 / 15 min) at start {loads[0]}, at end {loads[1]}: a shared "
-        f"{m['cores']}-core machine, so absolute numbers move with other work. Read the medians "
+        f"{m['cpus']}-core machine, so absolute numbers move with other work. Read the medians "
         "and the ratios; each ratio is taken against a baseline run seconds later in the same "
         "process."
     )
@@ -669,8 +614,12 @@ def write_markdown(report: dict, path: Path) -> None:
         f"{report['wall_s'] / 60:.1f} min."
     )
     lines = ["# Training throughput benchmark", "", heading, "", load, "", setup, ""]
+    return lines
 
-    lines += ["## Throughput, seconds per phase, peak memory", ""]
+
+def _throughput_section(report: dict) -> list[str]:
+    """Tokens/s, seconds per phase and peak memory per configuration."""
+    lines = ["## Throughput, seconds per phase, peak memory", ""]
     rows = []
     for r in report["results"]:
         s = r["summary"]
@@ -691,7 +640,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 _gib(r["peak_rss_tree_sampled_bytes"]),
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "model",
             "algo",
@@ -719,8 +668,8 @@ def write_markdown(report: dict, path: Path) -> None:
             "(a group whose samples all scored the same), so GTPO/GRPO's update cost depends on "
             "the rewards; on an untrained model that can be every row. "
             + (
-                f"To time the update itself, this run sets entropy_coef={FULL_UPDATE_ENTROPY_COEF:g} "
-                "(numerically inert), which makes the agent run every row; 'rows with signal' is "
+                "To time the update itself, this run sets skip_flat_rows=False, which makes the "
+                "agent run every row (the gradient is the same); 'rows with signal' is "
                 "how many the default config would have trained on (its update time scales "
                 "roughly with that fraction). "
                 if report.get("full_update")
@@ -736,7 +685,12 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
     ]
 
-    lines += ["## Inside the rollout: against plain `model.generate` on the same prompts", ""]
+    return lines
+
+
+def _rollout_section(report: dict) -> list[str]:
+    """The rollout against plain `model.generate` on the same prompts."""
+    lines = ["## Inside the rollout: against plain `model.generate` on the same prompts", ""]
     rows = []
     for r in report["results"]:
         s = r["summary"]
@@ -757,7 +711,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 f"{s['turns_mean']:.2f}",
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "model",
             "algo",
@@ -793,7 +747,12 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
     ]
 
-    lines += ["## Inside the update, and memory", ""]
+    return lines
+
+
+def _update_section(report: dict) -> list[str]:
+    """Where the update phase spends its time, and memory."""
+    lines = ["## Inside the update, and memory", ""]
     rows = []
     for r in report["results"]:
         s = r["summary"]
@@ -813,7 +772,7 @@ def write_markdown(report: dict, path: Path) -> None:
                 _gib(r["peak_rss_sandbox_sampled_bytes"]),
             ]
         )
-    lines += _table(
+    lines += md_table(
         [
             "model",
             "algo",
@@ -841,6 +800,12 @@ def write_markdown(report: dict, path: Path) -> None:
         ),
     ]
 
+    return lines
+
+
+def _notes(report: dict) -> list[str]:
+    """Code changes during the run, the thread probe and free-form notes."""
+    lines: list[str] = []
     commits = sorted({r["commit"] for r in report["results"]})
     if len(commits) > 1:
         lines += [
@@ -866,8 +831,13 @@ def write_markdown(report: dict, path: Path) -> None:
         ]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [*_intro(report), *_throughput_section(report), *_rollout_section(report),
+             *_update_section(report), *_notes(report)]
+    path.write_text("\n".join(lines) + "\n")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -943,10 +913,7 @@ def main() -> None:
         args.models, args.iterations, args.default_iterations = ["tiny"], 1, 1
         args.max_new_tokens = 32
     report: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "versions": package_versions(),
-        "commit": git_commit(),
         "quick": args.quick,
         "shape": SHAPE,
         "max_new_tokens": args.max_new_tokens,

@@ -1,7 +1,7 @@
 """Throughput side by side: our GRPO against TRL's ``GRPOTrainer``, and both against plain generate.
 
 One script, one process, one venv (TRL's pins do not clash with ours: ``pip install trl==1.16.0``).
-For each model (the tiny Llama of ``tests/tiny.py`` and the default SmolLM2-135M-Instruct) both
+For each model (the tiny Llama of ``algos/tiny.py`` and the default SmolLM2-135M-Instruct) both
 trainers start from the same weights and run GRPO at one shape, single-turn (where TRL works):
 
 - the same prompts in the same order: step ``i`` of both trains on the 4 problems our agent draws
@@ -14,8 +14,8 @@ trainers start from the same weights and run GRPO at one shape, single-turn (whe
   checkpointing (TRL's default on, which trades speed for memory), 1 torch thread.
 
 Our agent skips the forward pass of rows whose advantages are all 0; an untrained model earns the
-same reward on every sample, so that would be every row. ``entropy_coef=1e-9`` (numerically inert)
-makes it update every row, as TRL does; TRL computes the entropy too.
+same reward on every sample, so that would be every row. ``skip_flat_rows=False`` makes it update
+every row, as TRL does.
 
 Phases. Generation: our ``time/rollout_s + time/advantage_s`` (sampling, env steps with the sandbox
 and grader, advantages) against TRL's ``_generate_and_score_completions`` (sampling, reward
@@ -34,7 +34,6 @@ step (first-call costs); numbers are medians over the rest. Writes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -50,12 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+from algos.evaluation.provenance import machine_info
 from benchmarks.train import (
-    FULL_UPDATE_ENTROPY_COEF,
     LR,
-    git_commit,
-    machine_info,
-    package_versions,
     plain_generate,
 )
 
@@ -70,7 +66,7 @@ def model_dir(name: str, scratch: Path) -> str:
         from algos.models import DEFAULT_MODEL, resolve_model_dir
 
         return str(resolve_model_dir(DEFAULT_MODEL))
-    from tests.tiny import tiny_model, tiny_tokenizer
+    from algos.tiny import tiny_model, tiny_tokenizer
 
     path = scratch / "tiny"
     if not path.exists():
@@ -91,7 +87,7 @@ def our_agent(path: str, lr: float):
         minibatch_size=PROMPTS * GROUP,
         grad_accum_steps=1,
         lr=lr,
-        entropy_coef=FULL_UPDATE_ENTROPY_COEF,
+        skip_flat_rows=False,
         seed=0,
     )
     rollout = RolloutConfig(max_new_tokens=MAX_NEW_TOKENS, max_turns=1, temperature=1.0, stop=())
@@ -292,14 +288,15 @@ def bench_model(name: str, steps: int, rounds: int, scratch: Path) -> dict[str, 
 
 
 def write_markdown(report: dict, path: Path) -> None:
+    m = report["machine"]
     lines = [
         "# Throughput: our GRPO vs TRL `GRPOTrainer` (and plain `model.generate`)",
         "",
         (
-            f"{report['date']}, {report['machine']['cpu']} ({report['machine']['cores']} cores), "
-            f"{report['threads']} torch thread; torch {report['versions']['torch']}, transformers "
-            f"{report['versions']['transformers']}, trl {report['versions']['trl']}; commit "
-            f"{report['commit']}; load average {report['load_before']:.1f} before, "
+            f"{m['date']}, {m['cpu']} ({m['cpus']} cores), "
+            f"{report['threads']} torch thread; torch {m['torch']}, transformers "
+            f"{m['transformers']}, trl {m['trl']}; commit "
+            f"{m['commit']}; load average {report['load_before']:.1f} before, "
             f"{report['load_after']:.1f} after."
         ),
         "",
@@ -384,7 +381,6 @@ def main() -> None:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    import importlib.metadata
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vs-trl-") as scratch:
@@ -395,10 +391,7 @@ def main() -> None:
             for name in args.models
         ]
     report = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": {**package_versions(), "trl": importlib.metadata.version("trl")},
-        "commit": git_commit(),
+        "machine": machine_info(("torch", "transformers", "trl")),
         "threads": args.threads,
         "rounds": args.rounds,
         "steps": args.steps or "tiny 6, default 3",

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from algos import warmup as lib
+from algos.tiny import tiny_model, tiny_tokenizer
 from algos.warmup import ANSWER_TURN, HELDOUT_SEEDS, RECORD, SYSTEM_PROMPT, TOOL_TURN, TraceMix
-from tests.tiny import tiny_model, tiny_tokenizer
 
 logger = logging.getLogger("benchmarks.warmup")
 
@@ -53,7 +53,7 @@ TRACE_MIX = TraceMix()
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The tiny Llama's size (``tests/tiny.py``'s defaults: ~1.3M parameters, vocab 1024)."""
+    """The tiny Llama's size (``algos/tiny.py``'s defaults: ~1.3M parameters, vocab 1024)."""
 
     hidden_size: int = 128
     intermediate_size: int = 512

@@ -17,9 +17,12 @@ from algos.advantages import (
     GTPO_SCOPES,
     Advantages,
     discounted_cumsum,
+    discounted_cumsum_reference,
     gae,
+    gae_reference,
     get_advantage,
     group_normalize,
+    group_normalize_reference,
     grpo_advantages,
     gtpo_turn_advantages,
     register_advantage,
@@ -428,19 +431,11 @@ def test_gtpo_turn_rewards_off_gamma_one_equal_turns_is_scaled_grpo(batch, scope
     torch.testing.assert_close(gtpo.tokens.double(), expected, atol=1e-4, rtol=1e-4)
 
 
-def _reverse_loop(x: torch.Tensor, d: float) -> torch.Tensor:
-    out, acc = torch.zeros_like(x), torch.zeros_like(x[..., 0])
-    for k in reversed(range(x.shape[-1])):
-        acc = x[..., k] + d * acc
-        out[..., k] = acc
-    return out
-
-
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 200), st.floats(0.0, 1.0), st.integers(1, 70), st.integers(0, 2**31))
 def test_discounted_cumsum_matches_loop(n, d, block, seed):
     x = torch.randn(3, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    torch.testing.assert_close(discounted_cumsum(x, d, block), _reverse_loop(x, d))
+    torch.testing.assert_close(discounted_cumsum(x, d, block), discounted_cumsum_reference(x, d))
 
 
 @settings(max_examples=40, deadline=None)
@@ -453,16 +448,24 @@ def test_gae_matches_reference_loop(seed, gamma, lam):
     rewards = torch.randn(B, L, generator=g, dtype=torch.float64) * mask
     values = torch.randn(B, L, generator=g, dtype=torch.float64)
     adv, ret = gae(rewards, values, mask, gamma, lam)
-    for b in range(B):  # CleanRL's loop over this row's generated tokens
-        idx = torch.nonzero(mask[b]).squeeze(1).tolist()
-        last = 0.0
-        for k in reversed(range(len(idx))):
-            nxt = values[b, idx[k + 1]].item() if k + 1 < len(idx) else 0.0
-            delta = rewards[b, idx[k]].item() + gamma * nxt - values[b, idx[k]].item()
-            last = delta + gamma * lam * last
-            assert adv[b, idx[k]].item() == approx(last, abs=1e-9)
-            assert ret[b, idx[k]].item() == approx(last + values[b, idx[k]].item(), abs=1e-9)
+    ref_adv, ref_ret = gae_reference(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, ref_adv, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ret, ref_ret, atol=1e-9, rtol=0)
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from(["group", "batch", "none"]), st.booleans())
+def test_group_normalize_matches_reference_loop(seed, scope, ties):
+    g = torch.Generator().manual_seed(seed)
+    n = 24
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    if ties:  # binary rewards: many flat segments
+        x = (x > 0).double()
+    segments = torch.randint(0, 6, (n,), generator=g) * 7  # any integer ids
+    valid = torch.rand(n, generator=g) < 0.8
+    torch.testing.assert_close(group_normalize(x, segments, valid, scope),
+                               group_normalize_reference(x, segments, valid, scope))
 
 
 def test_scales_to_the_benchmark_shape():

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from algos.cli import app
-from tests.tiny import save_tiny
+from algos.tiny import save_tiny
 
 TINY_RUN = ["--iterations", "1", "--eval-problems", "2", "--no-progress", "--no-warmup",
             "--set", "prompts_per_iteration=2", "--set", "group_size=2",

@@ -194,7 +194,7 @@ def test_gold_answer_is_never_observed(env):
 
 
 def test_prompt_through_a_real_chat_template():
-    from tests.tiny import tiny_tokenizer  # a locally trained ChatML tokenizer; imports torch
+    from algos.tiny import tiny_tokenizer  # a locally trained ChatML tokenizer; imports torch
 
     env = gym.make("TIR-Math-v0", tokenizer=tiny_tokenizer())
     obs, info = env.reset(options={"problem_id": "proc/gcd_lcm/2"})

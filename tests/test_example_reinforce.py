@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reinforce.py"
 def test_reinforce_example_trains(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny import save_tiny
+    from algos.tiny import save_tiny
 
     model_dir = save_tiny(tmp_path / "tiny")
     spec = importlib.util.spec_from_file_location("reinforce_example", SCRIPT)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from algos.generation import Completion, SamplingParams, make_generator
-from tests.tiny import teach, tiny_model, tiny_tokenizer
+from algos.tiny import teach, tiny_model, tiny_tokenizer
 
 TURN = "I will compute it.\n```python\nprint(2 + 3)\n```\nDone."
 

@@ -31,7 +31,7 @@ GROUP = 2
 def setup(tmp_path_factory):
     require(trl is not None, "TRL is not installed (pip install -e .[trl])")
     from algos.rollout import RolloutConfig, make_vec_env
-    from tests.tiny import teach, tiny_model, tiny_tokenizer
+    from algos.tiny import teach, tiny_model, tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("trl")
     problems = tmp / "one_plus_one.jsonl"
@@ -79,7 +79,7 @@ def grpo_args(tmp, **overrides):
 def test_gtpo_trainer_trains_on_our_advantages(setup, monkeypatch):
     import algos.integrations.trl as adapter
     from algos.advantages import get_advantage
-    from algos.agent import TokenBatch, rollout_batch
+    from algos.batch import TokenBatch, rollout_batch
     from algos.config import GTPOConfig
     from algos.shaping import shape_rewards
 

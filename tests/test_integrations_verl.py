@@ -154,7 +154,7 @@ else:
         from verl.utils.dataset.rl_dataset import RLHFDataset
 
         from algos.integrations.verl import TIRAgentLoop, compute_gtpo_advantage
-        from tests.tiny import tiny_tokenizer
+        from algos.tiny import tiny_tokenizer
 
         assert _agent_loop_registry["tir_agent"]["_target_"].endswith("verl.TIRAgentLoop")
         problems = tmp_path / "p.jsonl"

@@ -22,9 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from algos.cli import app
-from algos.generation.base import Completion, Generator, SamplingParams
-from algos.generation.hf import HFGenerator
-from algos.leaderboard import (
+from algos.evaluation.leaderboard import (
     RECORDS_FILE,
     LeaderboardConfig,
     ModelSpec,
@@ -36,7 +34,9 @@ from algos.leaderboard import (
     resolve_benchmarks,
     run_leaderboard,
 )
-from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
+from algos.generation.base import Completion, Generator, SamplingParams
+from algos.generation.hf import HFGenerator
+from algos.tiny import save_tiny, tiny_model, tiny_tokenizer
 from tir_envs.data import ProblemSet
 
 
@@ -401,7 +401,7 @@ def test_a_data_dir_without_the_benchmark_says_what_is_missing(tmp_path, monkeyp
 
 
 def test_the_benchmark_script_runs_a_checkpoint_into_its_out_dir(benchmarks_dir, tmp_path):
-    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "leaderboard.py"))
+    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "run_leaderboard.py"))
     model_dir = save_tiny(tmp_path / "tiny")
     results = script["main"]([f"tiny={model_dir}", "--no-default-model", "--smoke",
                               "--benchmarks", "svamp", "--limit", "1",

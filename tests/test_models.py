@@ -13,8 +13,8 @@ import torch
 from algos import models
 from algos.generation import SamplingParams, make_generator
 from algos.models import DEFAULT_MODEL, PolicyWithValue, load_policy
+from algos.tiny import save_tiny, tiny_model, tiny_tokenizer
 from tests.conftest import require
-from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

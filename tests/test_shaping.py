@@ -19,6 +19,7 @@ from algos.shaping import (
     LexicalSimilarity,
     get_similarity,
     join_code,
+    lexical_similarity_reference,
     shape_rewards,
     shaping_bonus,
 )
@@ -134,6 +135,16 @@ def test_lexical_equals_sklearn_tfidf_without_collisions(ngram_range):
         for k, is_ref in enumerate(REFS[g]):
             if not is_ref:
                 assert got[g][k].item() == approx(expected[k], abs=1e-5)
+
+
+@pytest.mark.parametrize("ngram_range", [(3, 3), (2, 4)])
+def test_lexical_equals_its_reference_definition(ngram_range):
+    codes = [c for g in GROUPS for c in g]
+    groups = t([g for g, codes_g in enumerate(GROUPS) for _ in codes_g])
+    refs = t([r for rs in REFS for r in rs])
+    fast = LexicalSimilarity(ngram_range=ngram_range, dim=1 << 22)(codes, groups, refs)
+    reference = lexical_similarity_reference(codes, groups, refs, ngram_range)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
 
 
 def test_lexical_default_dim_is_close_to_exact():

@@ -12,7 +12,7 @@ from algos.agent import loss_rows
 from algos.batch import RolloutBatch
 from algos.config import GRPOConfig, GTPOConfig
 from algos.rollout import RolloutConfig, Turn
-from tests.tiny import tiny_model, tiny_tokenizer
+from algos.tiny import tiny_model, tiny_tokenizer
 
 ROLLOUT = RolloutConfig(max_new_tokens=24, max_turns=2, max_total_tokens=768)
 

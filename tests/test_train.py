@@ -18,10 +18,10 @@ import algos
 import tir_envs  # noqa: F401  (registers the env ids)
 from algos.agent import token_logprobs
 from algos.config import GRPOConfig, GTPOConfig, PPOConfig
+from algos.generation.hf import HFGenerator
 from algos.losses import policy_loss
 from algos.rollout import RolloutConfig, collect, make_vec_env
-from algos.generation.hf import HFGenerator
-from tests.tiny import teach, tiny_model, tiny_tokenizer
+from algos.tiny import teach, tiny_model, tiny_tokenizer
 
 SMALL = dict(prompts_per_iteration=2, group_size=2, minibatch_size=2, grad_accum_steps=2, lr=1e-3)
 ROLLOUT = RolloutConfig(max_new_tokens=24, max_turns=2, max_total_tokens=768)
@@ -192,7 +192,7 @@ RESUME_SCRIPT = textwrap.dedent("""
     import sys, torch, algos
     from algos.config import GTPOConfig
     from algos.rollout import RolloutConfig
-    from tests.tiny import tiny_model, tiny_tokenizer
+    from algos.tiny import tiny_model, tiny_tokenizer
 
     run_dir, iterations = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from algos import warmup as lib
 from algos.evaluation import bootstrap_pass1
 from algos.models import train_top_layers
-from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
+from algos.tiny import save_tiny, tiny_model, tiny_tokenizer
 from tir_envs.procedural import generate
 
 

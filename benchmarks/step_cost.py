@@ -1,22 +1,20 @@
 """Time the algorithm core on a 4,096 x 8 x 512 synthetic batch; GTPO's overhead over GRPO.
 
-    python -m benchmarks.algos [--repeats 9] [--out benchmarks/results]
+    python benchmarks/step_cost.py [--repeats 9] [--out benchmarks/results]
 
 Times each advantage estimator, the shaping, and the losses' forward + backward, each the median
 of ``--repeats`` runs. The GRPO and GTPO steps (advantages + policy loss forward and backward;
 GTPO adds its lexical shaping) alternate within one loop, so machine noise hits both alike; the
-ratio of their medians is the overhead, against a target of 1.05. Writes ``algos.json`` and
-``algos.md`` with the machine and date.
+ratio of their medians is the overhead, against a target of 1.05. Writes ``step_cost.json``
+and ``step_cost.md`` with the machine and date.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
-import platform
 import random
 import statistics
 import sys
@@ -24,20 +22,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-# Run as a file, this module's folder would come first on sys.path and shadow the algos package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from algos.advantages import get_advantage  # noqa: E402
 from algos.batch import RolloutBatch  # noqa: E402
 from algos.config import GRPOConfig, GTPOConfig, PPOConfig  # noqa: E402
+from algos.evaluation.provenance import machine_info  # noqa: E402
 from algos.losses import policy_loss, value_loss  # noqa: E402
 from algos.shaping import EmbeddingSimilarity, shape_rewards  # noqa: E402
 
-log = logging.getLogger("benchmarks.algos")
+log = logging.getLogger("benchmarks.step_cost")
 
 B, G, T, L = 4096, 8, 8, 512
 PROMPT = 48
@@ -202,17 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("embedding shaping skipped: %s", e)
 
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "machine": machine_info(("torch", "numpy")),
+        "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "shape": {"trajectories": B, "group_size": G, "max_turns": T, "tokens": L,
                   "loss_tokens": int(mask.sum()),
                   "code_chars_mean": round(sum(map(len, codes)) / len(codes), 1)},
@@ -235,31 +222,22 @@ def main(argv: list[str] | None = None) -> dict:
         "embedding_shaping": embedding,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "algos.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "algos.md").write_text(_markdown(report))
+    (args.out / "step_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "step_cost.md").write_text(_markdown(report))
     return report
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _markdown(rep: dict) -> str:
     m, s, st, t = rep["machine"], rep["shape"], rep["steps"], rep["timings"]
+    load = rep["loadavg_1m_before_after"]
     lines = [
         "# Algorithm core: time per call",
         "",
-        f"{rep['date']} on {m['processor']} ({m['cpus']} CPUs; torch threads: "
-        f"{m['torch_threads']}), Python {m['python']}, torch {m['torch']}; 1-min load average "
-        f"{m['loadavg_1m_before_after'][0]} before, {m['loadavg_1m_before_after'][1]} after"
+        f"{m['date']} on {m['cpu']} ({m['cpus']} CPUs; torch threads: "
+        f"{m['torch_threads']}), Python {m['python']}, torch {m['torch']}, commit {m['commit']}; "
+        f"1-min load average {load[0]} before, {load[1]} after"
         + (" (the machine was shared with other jobs: wall times are inflated, CPU times much "
-           "less)." if max(m["loadavg_1m_before_after"]) > m["cpus"] else "."),
+           "less)." if max(load) > m["cpus"] else "."),
         "",
         f"Synthetic batch: {s['trajectories']} trajectories ({s['group_size']} per prompt), up to "
         f"{s['max_turns']} turns, {s['tokens']} tokens each ({s['loss_tokens']:,} loss tokens), "

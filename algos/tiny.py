@@ -1,4 +1,4 @@
-"""Tiny models for tests: a small Llama built with ``from_config`` and a byte-level BPE tokenizer
+"""Tiny models for tests and CPU benchmarks: a small Llama built with ``from_config`` and a byte-level BPE tokenizer
 trained here on a built-in math/python corpus, so tests need no download and run in seconds.
 
 The defaults match the tiny model of DESIGN.md's numbers (vocab 1024, ~1.3M parameters). The

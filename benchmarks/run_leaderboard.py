@@ -4,9 +4,9 @@ Every model runs under one protocol (``COMMITTED`` below, recorded in ``results.
 larger benchmarks are evaluated on stated subsets (their first N problems by index), the small
 ones in full. The run is resumable: rerun the same command after a crash and it continues.
 
-    python benchmarks/leaderboard.py                                  # the default model only
-    python benchmarks/leaderboard.py gtpo=runs/gtpo/final grpo=runs/grpo/final ppo=runs/ppo/final
-    python benchmarks/leaderboard.py --smoke                          # a 2-minute end-to-end check
+    python benchmarks/run_leaderboard.py                                  # the default model only
+    python benchmarks/run_leaderboard.py gtpo=runs/gtpo/final grpo=runs/grpo/final ppo=runs/ppo/final
+    python benchmarks/run_leaderboard.py --smoke                          # a 2-minute end-to-end check
 
 Writes ``benchmarks/results/leaderboard/`` (``results.json``, ``leaderboard.md``,
 ``leaderboard.png``, ``index.html``, and ``records.jsonl`` with every sample). ``--smoke`` writes
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from algos.leaderboard import (
+from algos.evaluation.leaderboard import (
     DEFAULT_BENCHMARKS,
     LeaderboardConfig,
     ModelSpec,
@@ -36,7 +36,7 @@ from algos.leaderboard import (
 )
 from algos.models import DEFAULT_MODEL
 
-logger = logging.getLogger("benchmarks.leaderboard")
+logger = logging.getLogger("benchmarks.run_leaderboard")
 
 COMMITTED = {
     "benchmarks": DEFAULT_BENCHMARKS,

@@ -1,0 +1,81 @@
+"""Where and when a number was made: the machine, package versions, the commit and the load.
+
+Every committed result carries this record, so a reader can tell a quiet-machine timing from one
+taken while other jobs shared the cores, and find the code that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from ``/proc/cpuinfo`` (``platform`` only knows the arch)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """The short commit hash, with ``+dirty`` when tracked files differ from it (None outside a
+    git checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def package_versions(names: tuple[str, ...] = ("torch", "transformers", "gymnasium")
+                     ) -> dict[str, str]:
+    """Installed versions of ``names`` ("absent" for one that is not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def machine_info(packages: tuple[str, ...] = ("torch", "transformers", "gymnasium")
+                 ) -> dict[str, Any]:
+    """The provenance record: date, CPU, cores, torch threads (when torch is loaded), platform,
+    Python and package versions, commit, and the 1/5/15-minute load average now."""
+    info: dict[str, Any] = {
+        "date": now(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **package_versions(packages),
+        "commit": git_commit(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info
