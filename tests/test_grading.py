@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from tir_envs import protocol
 from tir_envs.data import BENCHMARKS, load_benchmark, read_records
 from tir_envs.grading import Grader, default_grader, grade, judge, last_boxed, normalize_answer
 from tir_envs.grading import worker as grading_worker
@@ -254,6 +255,10 @@ def test_module_level_grade_matches_the_table():
 )
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
+
+
+def test_box_parsing_lives_with_the_protocol():
+    assert last_boxed is protocol.last_boxed is protocol.extract_boxed
 
 
 def test_the_worker_module_loads_by_path_with_the_standard_library_only():

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from tir_envs.grading import last_boxed
+from tir_envs.protocol import last_boxed
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ the worker processes, and the process-wide default behind ``grade``/``judge``).
 
 from __future__ import annotations
 
-from tir_envs.grading.normalize import Verdict, last_boxed, normalize_answer
+from tir_envs.grading.normalize import Verdict, normalize_answer
 from tir_envs.grading.pool import (
     DEFAULT_TIMEOUT_S,
     Grader,
@@ -52,6 +52,7 @@ from tir_envs.grading.pool import (
     warm_up,
 )
 from tir_envs.grading.worker import math_verify_equal
+from tir_envs.protocol import last_boxed
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

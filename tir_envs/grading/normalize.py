@@ -12,7 +12,9 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import NamedTuple
 
-__all__ = ["Verdict", "last_boxed", "normalize_answer", "string_verdict"]
+from tir_envs.protocol import last_boxed
+
+__all__ = ["Verdict", "normalize_answer", "string_verdict"]
 
 
 class Verdict(NamedTuple):
@@ -21,53 +23,6 @@ class Verdict(NamedTuple):
     correct: bool
     method: str
     """One of: empty, too_long, exact, number, text, math_verify, timeout, worker_error."""
-
-
-_BOX = re.compile(r"\\(?:boxed|fbox)\b")
-
-
-def last_boxed(text: str) -> str | None:
-    r"""Content of the last complete ``\boxed{...}`` (or ``\fbox{}``, ``\boxed x``), else None.
-
-    Braces nest and ``\{``/``\}`` are skipped, so ``\boxed{\{1, \frac{1}{2}\}}`` works; an
-    unclosed last box falls back to the complete one before it. The env's turn parser and the
-    data loaders use this one reading of a box.
-    """
-    answer = None
-    for match in _BOX.finditer(text):
-        content = _box_content(text, match.end())
-        if content is not None:
-            answer = content
-    return answer
-
-
-def _box_content(text: str, pos: int) -> str | None:
-    rest = text[pos:]
-    stripped = rest.lstrip()
-    if not stripped:
-        return None
-    if stripped[0] != "{":
-        # ``\boxed 5``: one token, up to whitespace or a closing ``$``.
-        if rest[:1] not in (" ", "\t"):
-            return None
-        token = re.match(r"[^\s$]+", stripped)
-        return token.group(0) if token else None
-    start = pos + (len(rest) - len(stripped)) + 1
-    depth = 1
-    i = start
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2  # an escaped char (``\{``, ``\}``, ``\\``) or a command's first letter
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i].strip()
-        i += 1
-    return None
 
 
 _SPACING = re.compile(r"(?<!\\)\\[!,;:> ]|\\q?quad\b|~")  # not the row break ``\\ ``

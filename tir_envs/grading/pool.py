@@ -22,7 +22,8 @@ import weakref
 from collections import OrderedDict
 
 from tir_envs.grading import worker as _worker_module
-from tir_envs.grading.normalize import Verdict, last_boxed, normalize_answer, string_verdict
+from tir_envs.grading.normalize import Verdict, normalize_answer, string_verdict
+from tir_envs.protocol import last_boxed
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
