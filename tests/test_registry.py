@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+import tir_envs
+from tir_envs.data import BENCHMARKS, benchmark_spec
+from tir_envs.procedural import KINDS, generate
 from tir_envs.registry import Registry, UnknownName
 
 
@@ -76,3 +79,33 @@ def test_unregister():
     reg.register("f", second)  # the name is free again
     with pytest.raises(UnknownName):
         reg.unregister("g")
+
+
+def test_env_ids_are_derived_from_the_benchmark_registry():
+    assert list(tir_envs.ENV_IDS.items()) == [
+        ("TIR-Math-v0", "procedural"),
+        ("TIR-MATH500-v0", "math500"),
+        ("TIR-AIME24-v0", "aime24"),
+        ("TIR-AMC23-v0", "amc23"),
+        ("TIR-GSM8K-v0", "gsm8k"),
+        ("TIR-SVAMP-v0", "svamp"),
+    ]
+    assert [spec.env_id for _, spec in BENCHMARKS.items()] == list(tir_envs.ENV_IDS)[1:]
+
+
+def test_procedural_kinds_keep_their_order():
+    """``ProceduralProblems`` maps index i to ``kinds[i % len(kinds)]``: the order is data."""
+    assert KINDS.names() == (
+        "big_product", "modpow", "nth_prime", "prime_count", "digit_sum", "gcd_lcm",
+        "linear_system", "count_divisible", "binomial", "divisor_count", "totient", "crt",
+        "fraction_sum", "base_convert", "derangements", "partitions",
+    )
+
+
+@pytest.mark.parametrize(("kind", "lookup", "known"), [
+    ("procedural kind", lambda: generate("nope", 0), "big_product"),
+    ("benchmark", lambda: benchmark_spec("nope"), "math500"),
+])
+def test_every_registry_names_what_it_knows(kind, lookup, known):
+    with pytest.raises(UnknownName, match=rf"unknown {kind} 'nope'; known: .*{known}"):
+        lookup()
