@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+import algos
 import tir_envs
+from algos.advantages import get_advantage
+from algos.agent import ALGORITHMS, register_algorithm
+from algos.generation import make_generator
+from algos.grpo import GRPO
+from algos.shaping import get_similarity
 from tir_envs.data import BENCHMARKS, benchmark_spec
 from tir_envs.procedural import KINDS, generate
 from tir_envs.registry import Registry, UnknownName
@@ -105,7 +111,23 @@ def test_procedural_kinds_keep_their_order():
 @pytest.mark.parametrize(("kind", "lookup", "known"), [
     ("procedural kind", lambda: generate("nope", 0), "big_product"),
     ("benchmark", lambda: benchmark_spec("nope"), "math500"),
+    ("algorithm", lambda: algos.get_algorithm("nope"), "gtpo"),
+    ("advantage estimator", lambda: get_advantage("nope"), "gae"),
+    ("generation backend", lambda: make_generator("nope"), "openai"),
+    ("code similarity", lambda: get_similarity("nope"), "embedding"),
 ])
 def test_every_registry_names_what_it_knows(kind, lookup, known):
     with pytest.raises(UnknownName, match=rf"unknown {kind} 'nope'; known: .*{known}"):
         lookup()
+
+
+def test_an_algorithm_registers_once_and_again_as_a_no_op():
+    assert algos.algorithms() is ALGORITHMS and algos.get_algorithm("grpo") is GRPO
+    assert register_algorithm("grpo")(GRPO) is GRPO  # re-running ``@register_algorithm``
+
+    class Other(GRPO):
+        pass
+
+    with pytest.raises(ValueError, match="algorithm 'grpo' is already registered"):
+        register_algorithm("grpo")(Other)
+    assert algos.get_algorithm("grpo") is GRPO
