@@ -16,8 +16,8 @@ import importlib
 BUILTIN = ("gtpo", "grpo", "ppo")
 
 
-def algorithms() -> dict:
-    """Every registered algorithm by name (the built-in ones are imported on first use)."""
+def algorithms():
+    """The registry of algorithms by name (the built-in ones are imported on first use)."""
     for name in BUILTIN:
         importlib.import_module(f"algos.{name}")
     from algos.agent import ALGORITHMS
@@ -26,10 +26,8 @@ def algorithms() -> dict:
 
 
 def get_algorithm(name: str):
-    registered = algorithms()
-    if name not in registered:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {sorted(registered)}")
-    return registered[name]
+    """The ``Agent`` class registered as ``name``; an unknown name lists the registered ones."""
+    return algorithms().get(name)
 
 
 def make(name: str, model, env="TIR-Math-v0", config=None, **kwargs):

@@ -29,15 +29,16 @@ import torch
 from torch import Tensor
 
 from algos.batch import RolloutBatch, put_on_final_turn, turn_to_tokens
+from tir_envs.registry import Registry
 
 if TYPE_CHECKING:
     from algos.config import AlgoConfig
 
 __all__ = [
     "ADVANTAGES",
-    "ESTIMATOR_FIELDS",
     "GTPO_SCOPES",
     "Advantages",
+    "Estimator",
     "check_config",
     "discounted_cumsum",
     "gae",
@@ -66,10 +67,19 @@ class Advantages(NamedTuple):
 
 
 AdvantageFn = Callable[[RolloutBatch, "AlgoConfig", "Tensor | None"], Advantages]
-ADVANTAGES: dict[str, AdvantageFn] = {}
-ESTIMATOR_FIELDS: dict[str, tuple[str, ...]] = {}
-"""The config fields each registered estimator reads (beyond ``AlgoConfig``'s own)."""
-_CHECKS: dict[str, Callable[["AlgoConfig"], None]] = {}
+
+
+class Estimator(NamedTuple):
+    """A registered advantage estimator and what it needs from a config."""
+
+    fn: AdvantageFn
+    reads: tuple[str, ...] = ()
+    """The config fields it reads beyond ``AlgoConfig``'s own."""
+    check: Callable[[AlgoConfig], None] | None = None
+    """Rejects config values it cannot use (raises ``ValueError``)."""
+
+
+ADVANTAGES: Registry[Estimator] = Registry("advantage estimator")
 
 
 def register_advantage(
@@ -83,12 +93,7 @@ def register_advantage(
     """
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGES[name] = fn
-        ESTIMATOR_FIELDS[name] = tuple(reads)
-        if check is not None:
-            _CHECKS[name] = check
+        ADVANTAGES.register(name, Estimator(fn, tuple(reads), check))
         return fn
 
     return decorator
@@ -96,10 +101,7 @@ def register_advantage(
 
 def get_advantage(name: str) -> AdvantageFn:
     """The estimator registered under ``name``."""
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        raise KeyError(f"no advantage estimator {name!r}; known: {sorted(ADVANTAGES)}") from None
+    return ADVANTAGES.get(name).fn
 
 
 def check_config(cfg: AlgoConfig) -> None:
@@ -107,15 +109,16 @@ def check_config(cfg: AlgoConfig) -> None:
     name = cfg.advantage
     if name not in ADVANTAGES:
         raise ValueError(f"advantage={name!r} is not registered; known: {sorted(ADVANTAGES)}")
-    missing = [f for f in ESTIMATOR_FIELDS[name] if not hasattr(cfg, f)]
+    estimator = ADVANTAGES.get(name)
+    missing = [f for f in estimator.reads if not hasattr(cfg, f)]
     if missing:
         raise ValueError(
             f"advantage={name!r} reads config fields {missing} that {type(cfg).__name__} does "
             f"not have; use a config class that defines them (e.g. the one of the algorithm "
             f"named {name!r})"
         )
-    if name in _CHECKS:
-        _CHECKS[name](cfg)
+    if estimator.check is not None:
+        estimator.check(cfg)
 
 
 def _scope_check(allowed: tuple[str, ...]) -> Callable[[AlgoConfig], None]:

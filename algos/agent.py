@@ -46,6 +46,7 @@ from algos.metrics import MetricsLogger, trajectory_metrics
 from algos.models import load_policy
 from algos.rollout import RolloutConfig, Trajectory, collect, make_vec_env
 from algos.shaping import shape_rewards
+from tir_envs.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -129,17 +130,15 @@ def advantage_metrics(
     }
 
 
-ALGORITHMS: dict[str, type[Agent]] = {}
+ALGORITHMS: Registry[type[Agent]] = Registry("algorithm")
 
 
 def register_algorithm(name: str):
     """Class decorator: make an ``Agent`` subclass available as ``algos.make(name, ...)``."""
 
     def decorator(cls: type[Agent]) -> type[Agent]:
-        if name in ALGORITHMS:
-            raise ValueError(f"algorithm {name!r} is already registered by {ALGORITHMS[name]}")
+        ALGORITHMS.register(name, cls)
         cls.name = name
-        ALGORITHMS[name] = cls
         return cls
 
     return decorator

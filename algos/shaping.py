@@ -28,7 +28,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,11 +36,13 @@ import torch
 from torch import Tensor
 
 from algos.batch import RolloutBatch, final_turn_value, put_on_final_turn
+from tir_envs.registry import Registry
 
 __all__ = [
     "CodeSimilarity",
     "EmbeddingSimilarity",
     "LexicalSimilarity",
+    "SIMILARITIES",
     "get_similarity",
     "join_code",
     "shape_rewards",
@@ -266,15 +268,17 @@ class EmbeddingSimilarity:
         return mean[groups, slot]
 
 
+SIMILARITIES: Registry[Callable[[], CodeSimilarity]] = Registry("code similarity")
+"""Name (a config's ``similarity``) -> a factory of that similarity."""
+SIMILARITIES.register("lexical", LexicalSimilarity)
+SIMILARITIES.register("embedding", EmbeddingSimilarity)
+
+
 @functools.cache
 def get_similarity(name: str) -> CodeSimilarity:
     """The similarity named in a config (``lexical`` | ``embedding``), built once per process so
     the embedding model loads once."""
-    if name == "lexical":
-        return LexicalSimilarity()
-    if name == "embedding":
-        return EmbeddingSimilarity()
-    raise ValueError(f"unknown code similarity {name!r}; known: lexical, embedding")
+    return SIMILARITIES.get(name)()
 
 
 def _shaped_trajectories(correct: Tensor, group_ids: Tensor, valid: Tensor) -> Tensor:

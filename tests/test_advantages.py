@@ -239,6 +239,7 @@ def test_gae_estimator_whitens_and_needs_values():
 
 def test_registry_plugs_in_by_name():
     assert {"grpo", "gtpo", "gae"} <= set(ADVANTAGES)
+    assert ADVANTAGES["gtpo"].reads == ("norm_scope", "gamma") and ADVANTAGES["gtpo"].check
 
     @register_advantage("_test_zero", reads=("gamma",))
     def zero(batch, cfg, values=None):
@@ -246,14 +247,21 @@ def test_registry_plugs_in_by_name():
 
     try:
         assert get_advantage("_test_zero") is zero
+        assert ADVANTAGES["_test_zero"].reads == ("gamma",)
         GTPOConfig(advantage="_test_zero")  # a config with the fields it reads may name it
         with pytest.raises(ValueError, match=r"reads config fields \['gamma'\]"):
             GRPOConfig(advantage="_test_zero")
+        # The same function with the same metadata again (a notebook re-running its cell): no-op.
+        assert register_advantage("_test_zero", reads=("gamma",))(zero) is zero
+        # Anything else under a taken name raises: another function, or other metadata.
+        with pytest.raises(ValueError, match="already registered"):
+            register_advantage("_test_zero", reads=("gamma",))(lambda batch, cfg, values=None: 0)
         with pytest.raises(ValueError, match="already registered"):
             register_advantage("_test_zero")(zero)
+        assert ADVANTAGES["_test_zero"].reads == ("gamma",)
     finally:
-        del ADVANTAGES["_test_zero"]
-    with pytest.raises(KeyError, match="known"):
+        ADVANTAGES.unregister("_test_zero")
+    with pytest.raises(KeyError, match="known: .*gtpo"):
         get_advantage("nope")
 
 

@@ -1,7 +1,7 @@
 """Answer grading: the equivalence table, every benchmark's gold answers, and bounded time anywhere.
 
-The table is the executable form of the policy in ``tir_envs/grading.py``'s docstring: each
-category has true equivalents and near-misses that must stay wrong.
+The table is the executable form of the policy in the docstring of ``tir_envs/grading/__init__.py``:
+each category has true equivalents and near-misses that must stay wrong.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
+from tir_envs import protocol
 from tir_envs.data import BENCHMARKS, load_benchmark, read_records
 from tir_envs.grading import Grader, default_grader, grade, judge, last_boxed, normalize_answer
+from tir_envs.grading import worker as grading_worker
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +255,25 @@ def test_module_level_grade_matches_the_table():
 )
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
+
+
+def test_box_parsing_lives_with_the_protocol():
+    assert last_boxed is protocol.last_boxed is protocol.extract_boxed
+
+
+def test_the_worker_module_loads_by_path_with_the_standard_library_only():
+    """The pool starts workers from this file alone: no tir_envs package, nothing heavy."""
+    script = (
+        "import importlib.util as u, sys\n"
+        "s = u.spec_from_file_location('w', sys.argv[1]); m = u.module_from_spec(s)\n"
+        "s.loader.exec_module(m)\n"
+        "heavy = ('tir_envs', 'gymnasium', 'numpy', 'sympy', 'math_verify', 'torch')\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy))\n"
+        "print(callable(m.main), callable(m.math_verify_equal))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, grading_worker.__file__],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True True"]
 
 
 @pytest.mark.parametrize(

@@ -7,23 +7,22 @@ so ``gymnasium.make("tir_envs:TIR-Math-v0")`` costs little until the env is used
 
 from __future__ import annotations
 
-from gymnasium.envs.registration import register, registry
+from gymnasium.envs import registration as gym_registration
+
+from tir_envs.data import BENCHMARKS
 
 DEFAULT_MAX_TURNS = 4
 
 ENV_IDS: dict[str, str] = {
     "TIR-Math-v0": "procedural",
-    "TIR-MATH500-v0": "math500",
-    "TIR-AIME24-v0": "aime24",
-    "TIR-AMC23-v0": "amc23",
-    "TIR-GSM8K-v0": "gsm8k",
-    "TIR-SVAMP-v0": "svamp",
+    **{spec.env_id: name for name, spec in BENCHMARKS.items()},
 }
-"""Env id -> its ``problems`` argument."""
+"""Env id -> its ``problems`` argument: the procedural default, then one id per registered
+benchmark (``tir_envs.data.BENCHMARKS``)."""
 
 for _env_id, _problems in ENV_IDS.items():
-    if _env_id not in registry:
-        register(
+    if _env_id not in gym_registration.registry:
+        gym_registration.register(
             id=_env_id,
             entry_point="tir_envs.env:TIRMathEnv",
             max_episode_steps=DEFAULT_MAX_TURNS,

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from tir_envs.grading import last_boxed
+from tir_envs.protocol import last_boxed
+from tir_envs.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -290,9 +291,23 @@ class BenchmarkSpec:
     hub_fields: FieldMap | None = None
     """Field mapping of the hub copy when it differs from the local file's."""
 
+    @property
+    def env_id(self) -> str:
+        """Its Gymnasium id: ``math500`` -> ``TIR-MATH500-v0``."""
+        return f"TIR-{self.name.upper()}-v0"
 
-BENCHMARKS: dict[str, BenchmarkSpec] = {
-    "math500": BenchmarkSpec(
+
+BENCHMARKS: Registry[BenchmarkSpec] = Registry("benchmark")
+"""Benchmark name -> spec; each one gets an env id at ``import tir_envs`` (``tir_envs.ENV_IDS``)."""
+
+
+def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Make ``spec`` loadable by name (``load_benchmark(spec.name)``)."""
+    return BENCHMARKS.register(spec.name, spec)
+
+
+for _spec in (
+    BenchmarkSpec(
         name="math500",
         file_stem="math500",
         hub_id="HuggingFaceH4/MATH-500",
@@ -301,7 +316,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             ("problem",), "answer", "unique_id", latex_answer, ("subject", "level", "solution")
         ),
     ),
-    "aime24": BenchmarkSpec(
+    BenchmarkSpec(
         name="aime24",
         file_stem="aime24",
         hub_id="HuggingFaceH4/aime_2024",
@@ -310,14 +325,14 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             ("problem",), "answer", "id", canonical_number, ("url", "solution", "year")
         ),
     ),
-    "amc23": BenchmarkSpec(
+    BenchmarkSpec(
         name="amc23",
         file_stem="amc23",
         hub_id="math-ai/amc23",
         hub_split="test",
         fields=FieldMap(("question",), "answer", "id", canonical_number, ("url",)),
     ),
-    "gsm8k": BenchmarkSpec(
+    BenchmarkSpec(
         name="gsm8k",
         file_stem="gsm8k",
         hub_id="openai/gsm8k",
@@ -327,7 +342,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         # The hub rows have no idx: the row number is the id, matching the local file's idx.
         hub_fields=FieldMap(("question",), "answer", None, answer_after_hashes),
     ),
-    "svamp": BenchmarkSpec(
+    BenchmarkSpec(
         name="svamp",
         file_stem="svamp",
         hub_id="ChilleD/SVAMP",
@@ -336,7 +351,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             ("Body", "Question"), "Answer", "ID", canonical_number, ("Type", "Equation")
         ),
     ),
-}
+):
+    register_benchmark(_spec)
 
 _ALIASES = {
     "math": "math500",
@@ -350,10 +366,7 @@ _ALIASES = {
 def benchmark_spec(name: str) -> BenchmarkSpec:
     """The spec for a benchmark name; accepts ``MATH-500``, ``math_500``, ``AIME2024``..."""
     key = re.sub(r"[\s_\-]", "", name.lower())
-    key = _ALIASES.get(key, key)
-    if key not in BENCHMARKS:
-        raise KeyError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
-    return BENCHMARKS[key]
+    return BENCHMARKS.get(_ALIASES.get(key, key))
 
 
 def _hub_allowed() -> bool:

@@ -23,12 +23,17 @@ from functools import lru_cache
 import numpy as np
 
 from tir_envs.data import Problem
+from tir_envs.registry import Registry
 
 SOURCE = "procedural"
 _SIEVE_LIMIT = 1_100_000
 
 Generated = tuple[str, str, str]
 """(question, answer, solver code)."""
+
+KINDS: Registry[Callable[[random.Random], Generated]] = Registry("procedural kind")
+"""Kind name -> ``generator(rng) -> (question, answer, solver code)``, in registration order (a
+``ProceduralProblems`` index maps to ``kinds[i % len(kinds)]``, so new kinds go at the end)."""
 
 
 @lru_cache(maxsize=1)
@@ -51,11 +56,13 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+@KINDS.register("big_product")
 def _big_product(rng: random.Random) -> Generated:
     a, b = rng.randrange(10**14, 10**20), rng.randrange(10**14, 10**20)
     return f"Compute the exact value of ${a} \\times {b}$.", str(a * b), f"print({a} * {b})"
 
 
+@KINDS.register("modpow")
 def _modpow(rng: random.Random) -> Generated:
     base, exp = rng.randrange(2, 1000), rng.randrange(10**5, 10**9)
     mod = rng.choice([10**9 + 7, 998244353, rng.randrange(10**4, 10**7)])
@@ -63,12 +70,14 @@ def _modpow(rng: random.Random) -> Generated:
     return question, str(pow(base, exp, mod)), f"print(pow({base}, {exp}, {mod}))"
 
 
+@KINDS.register("nth_prime")
 def _nth_prime(rng: random.Random) -> Generated:
     n = rng.randrange(500, 20000)
     question = f"What is the {_ordinal(n)} prime number? (The 1st prime is 2.)"
     return question, str(_primes()[n - 1]), f"import sympy\nprint(sympy.prime({n}))"
 
 
+@KINDS.register("prime_count")
 def _prime_count(rng: random.Random) -> Generated:
     low = rng.randrange(10**4, 10**6)
     high = low + rng.randrange(1000, 50000)
@@ -78,6 +87,7 @@ def _prime_count(rng: random.Random) -> Generated:
     return question, str(count), solver
 
 
+@KINDS.register("digit_sum")
 def _digit_sum(rng: random.Random) -> Generated:
     if rng.random() < 0.5:
         base, exp = rng.randrange(2, 100), rng.randrange(100, 1000)
@@ -90,6 +100,7 @@ def _digit_sum(rng: random.Random) -> Generated:
     return question, str(sum(map(int, str(value)))), solver
 
 
+@KINDS.register("gcd_lcm")
 def _gcd_lcm(rng: random.Random) -> Generated:
     if rng.random() < 0.5:
         common = rng.randrange(10**3, 10**6)
@@ -127,6 +138,7 @@ def _linear_term(coef: int, name: str, first: bool) -> str:
     return f" {'-' if coef < 0 else '+'} {magnitude}{name}"
 
 
+@KINDS.register("linear_system")
 def _linear_system(rng: random.Random) -> Generated:
     n = rng.choice([3, 4])
     names = ["x", "y", "z", "w"][:n]
@@ -156,6 +168,7 @@ def _linear_system(rng: random.Random) -> Generated:
     return question, str(answer), solver
 
 
+@KINDS.register("count_divisible")
 def _count_divisible(rng: random.Random) -> Generated:
     limit = rng.randrange(10**5, 5 * 10**5)
     a, b = rng.sample(range(3, 40), 2)
@@ -177,6 +190,7 @@ def _count_divisible(rng: random.Random) -> Generated:
     return question, str(either - with_c), solver
 
 
+@KINDS.register("binomial")
 def _binomial(rng: random.Random) -> Generated:
     n = rng.randrange(30, 90)
     k = rng.randrange(5, n // 2)
@@ -193,6 +207,7 @@ def _factored_number(rng: random.Random) -> dict[int, int]:
             return factors
 
 
+@KINDS.register("divisor_count")
 def _divisor_count(rng: random.Random) -> Generated:
     factors = _factored_number(rng)
     n = math.prod(p**e for p, e in factors.items())
@@ -201,6 +216,7 @@ def _divisor_count(rng: random.Random) -> Generated:
     return question, str(answer), f"import sympy\nprint(sympy.divisor_count({n}))"
 
 
+@KINDS.register("totient")
 def _totient(rng: random.Random) -> Generated:
     factors = _factored_number(rng)
     n = math.prod(p**e for p, e in factors.items())
@@ -212,6 +228,7 @@ def _totient(rng: random.Random) -> Generated:
     return question, str(answer), f"import sympy\nprint(sympy.totient({n}))"
 
 
+@KINDS.register("crt")
 def _crt(rng: random.Random) -> Generated:
     moduli = rng.sample([p for p in range(7, 200) if _sieve()[p]], 3)
     residues = [rng.randrange(1, m) for m in moduli]
@@ -226,6 +243,7 @@ def _crt(rng: random.Random) -> Generated:
     return question, str(answer), solver
 
 
+@KINDS.register("fraction_sum")
 def _fraction_sum(rng: random.Random) -> Generated:
     n, c = rng.randrange(4, 9), rng.randrange(1, 10)
     value = sum(Fraction(k, k * k + c) for k in range(1, n + 1))
@@ -241,6 +259,7 @@ def _fraction_sum(rng: random.Random) -> Generated:
     return question, answer, solver
 
 
+@KINDS.register("base_convert")
 def _base_convert(rng: random.Random) -> Generated:
     n, base = rng.randrange(10**6, 10**10), rng.randrange(3, 10)
     digits, rest = [], n
@@ -256,6 +275,7 @@ def _base_convert(rng: random.Random) -> Generated:
     return question, "".join(reversed(digits)), solver
 
 
+@KINDS.register("derangements")
 def _derangements(rng: random.Random) -> Generated:
     n = rng.randrange(7, 25)
     counts = [1, 0]
@@ -272,6 +292,7 @@ def _derangements(rng: random.Random) -> Generated:
     return question, str(counts[n]), solver
 
 
+@KINDS.register("partitions")
 def _partitions(rng: random.Random) -> Generated:
     n = rng.randrange(30, 200)
     ways = [1] + [0] * n
@@ -285,33 +306,12 @@ def _partitions(rng: random.Random) -> Generated:
     return question, str(ways[n]), f"import sympy\nprint(sympy.partition({n}))"
 
 
-KINDS: dict[str, Callable[[random.Random], Generated]] = {
-    "big_product": _big_product,
-    "modpow": _modpow,
-    "nth_prime": _nth_prime,
-    "prime_count": _prime_count,
-    "digit_sum": _digit_sum,
-    "gcd_lcm": _gcd_lcm,
-    "linear_system": _linear_system,
-    "count_divisible": _count_divisible,
-    "binomial": _binomial,
-    "divisor_count": _divisor_count,
-    "totient": _totient,
-    "crt": _crt,
-    "fraction_sum": _fraction_sum,
-    "base_convert": _base_convert,
-    "derangements": _derangements,
-    "partitions": _partitions,
-}
-
-
 def generate(kind: str, seed: int) -> Problem:
     """The problem ``proc/<kind>/<seed>``; the same on every machine and Python version."""
-    if kind not in KINDS:
-        raise KeyError(f"unknown procedural kind {kind!r}; known: {sorted(KINDS)}")
+    generator = KINDS.get(kind)
     # A str seed hashes with SHA-512 inside ``random``: stable across processes and platforms.
     rng = random.Random(f"{kind}/{seed}")
-    question, answer, solver = KINDS[kind](rng)
+    question, answer, solver = generator(rng)
     return Problem(
         id=f"proc/{kind}/{seed}",
         question=question,

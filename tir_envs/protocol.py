@@ -30,7 +30,6 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tir_envs.grading import last_boxed as extract_boxed
 from tir_envs.sandbox.base import ExecResult, ExecStatus
 
 BlockSelection = Literal["all", "first", "last"]
@@ -50,6 +49,57 @@ DEFAULT_USER_TEMPLATE = "{question}"
 
 _OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)(?![\w+\-])", re.IGNORECASE)
 _CLOSE_FENCE = "```"
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last complete ``\boxed{...}`` (or ``\fbox{}``, ``\boxed x``), else None.
+
+    Braces nest and ``\{``/``\}`` are skipped, so ``\boxed{\{1, \frac{1}{2}\}}`` works; an
+    unclosed last box falls back to the complete one before it. The turn parser, the data loaders
+    and the grader use this one reading of a box.
+    """
+    answer = None
+    for match in _BOX.finditer(text):
+        content = _box_content(text, match.end())
+        if content is not None:
+            answer = content
+    return answer
+
+
+extract_boxed = last_boxed
+"""Alias of :func:`last_boxed`."""
+
+
+def _box_content(text: str, pos: int) -> str | None:
+    rest = text[pos:]
+    stripped = rest.lstrip()
+    if not stripped:
+        return None
+    if stripped[0] != "{":
+        # ``\boxed 5``: one token, up to whitespace or a closing ``$``.
+        if rest[:1] not in (" ", "\t"):
+            return None
+        token = re.match(r"[^\s$]+", stripped)
+        return token.group(0) if token else None
+    start = pos + (len(rest) - len(stripped)) + 1
+    depth = 1
+    i = start
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # an escaped char (``\{``, ``\}``, ``\\``) or a command's first letter
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i].strip()
+        i += 1
+    return None
 
 
 @dataclass(frozen=True)
@@ -106,7 +156,7 @@ def parse_turn(text: str, blocks: BlockSelection = "all") -> ParsedTurn:
     """Classify one assistant turn and pull out its code or its final answer."""
     found = find_code_blocks(text)
     if not found:
-        return ParsedTurn(tool_call=False, code="", final_answer=extract_boxed(text))
+        return ParsedTurn(tool_call=False, code="", final_answer=last_boxed(text))
     if blocks == "all":
         selected = found
     elif blocks == "first":

@@ -9,27 +9,53 @@ Backends other than ``hf`` import their heavy dependencies only when selected.
 
 from __future__ import annotations
 
-from algos.generation.base import Completion, FinishReason, Generator, SamplingParams
+from collections.abc import Callable
 
-BACKENDS = ("hf", "vllm", "openai")
+from algos.generation.base import Completion, FinishReason, Generator, SamplingParams
+from tir_envs.registry import Registry
+
+GENERATORS: Registry[Callable[..., Generator]] = Registry("generation backend")
+"""Backend name -> a factory taking the backend's constructor arguments; a factory imports its
+backend's module (and heavy dependencies) only when called."""
+
+
+@GENERATORS.register("hf")
+def _hf(**kwargs) -> Generator:
+    from algos.generation.hf import HFGenerator
+
+    return HFGenerator(**kwargs)
+
+
+@GENERATORS.register("vllm")
+def _vllm(**kwargs) -> Generator:
+    from algos.generation.vllm import VLLMGenerator
+
+    return VLLMGenerator(**kwargs)
+
+
+@GENERATORS.register("openai")
+def _openai(**kwargs) -> Generator:
+    from algos.generation.openai import OpenAIGenerator
+
+    return OpenAIGenerator(**kwargs)
+
+
+BACKENDS = GENERATORS.names()
+"""The built-in backends."""
 
 
 def make_generator(backend: str = "hf", **kwargs) -> Generator:
     """Build a backend by name; ``kwargs`` go to its constructor (``HFGenerator``,
     ``VLLMGenerator`` or ``OpenAIGenerator``)."""
-    if backend == "hf":
-        from algos.generation.hf import HFGenerator
-
-        return HFGenerator(**kwargs)
-    if backend == "vllm":
-        from algos.generation.vllm import VLLMGenerator
-
-        return VLLMGenerator(**kwargs)
-    if backend == "openai":
-        from algos.generation.openai import OpenAIGenerator
-
-        return OpenAIGenerator(**kwargs)
-    raise ValueError(f"unknown generation backend {backend!r}; choose one of {BACKENDS}")
+    return GENERATORS.get(backend)(**kwargs)
 
 
-__all__ = ["BACKENDS", "Completion", "FinishReason", "Generator", "SamplingParams", "make_generator"]
+__all__ = [
+    "BACKENDS",
+    "GENERATORS",
+    "Completion",
+    "FinishReason",
+    "Generator",
+    "SamplingParams",
+    "make_generator",
+]
