@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields
 
 from algos.advantages import check_config
+from algos.shaping import SIMILARITIES
 
 __all__ = ["AlgoConfig", "GRPOConfig", "GTPOConfig", "PPOConfig"]
 
@@ -20,7 +21,6 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k3")
 TRAJECTORY_REWARDS = ("sum", "min_acc_format", "min_acc_penalty")
 ZERO_VARIANCE_GROUPS = ("keep", "drop")
-SIMILARITIES = ("lexical", "embedding")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -34,7 +34,7 @@ class AlgoConfig:
 
     advantage: str = "grpo"
     """Name of the registered advantage estimator (``algos.advantages.get_advantage``). The
-    config must have every field the estimator reads (``ESTIMATOR_FIELDS``): checked here."""
+    config must have every field the estimator reads (its ``Estimator.reads``): checked here."""
 
     # --- run ---
     seed: int = 0
@@ -172,7 +172,7 @@ class AlgoConfig:
                  f"shaping_alpha must be in [0, 1) so a shaped reward stays below a correct "
                  f"one, got {self.shaping_alpha}")
         _require(self.similarity in SIMILARITIES,
-                 f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+                 f"similarity must be one of {SIMILARITIES.names()}, got {self.similarity!r}")
 
     def to_dict(self) -> dict[str, object]:
         """Plain values, for logs and checkpoints."""

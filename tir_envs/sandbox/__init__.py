@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tir_envs.registry import Registry
 from tir_envs.sandbox.base import (
     ExecResult,
     ExecStatus,
@@ -12,20 +13,30 @@ from tir_envs.sandbox.base import (
     Session,
 )
 
-BACKENDS = ("local", "docker")
+SANDBOXES: Registry = Registry("sandbox backend")
+"""Sandbox factories by name; each imports its backend only when called."""
+
+
+@SANDBOXES.register("local")
+def _local(**kwargs) -> Sandbox:
+    from tir_envs.sandbox.local import LocalSandbox
+
+    return LocalSandbox(**kwargs)
+
+
+@SANDBOXES.register("docker")
+def _docker(**kwargs) -> Sandbox:
+    from tir_envs.sandbox.docker import DockerSandbox
+
+    return DockerSandbox(**kwargs)
+
+
+BACKENDS = SANDBOXES.names()
 
 
 def make_sandbox(backend: str = "local", **kwargs) -> Sandbox:
     """Create a sandbox. Keyword arguments are ``Limits`` fields plus backend-specific options."""
-    if backend == "local":
-        from tir_envs.sandbox.local import LocalSandbox
-
-        return LocalSandbox(**kwargs)
-    if backend == "docker":
-        from tir_envs.sandbox.docker import DockerSandbox
-
-        return DockerSandbox(**kwargs)
-    raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {BACKENDS}")
+    return SANDBOXES[backend](**kwargs)
 
 
 __all__ = [
@@ -35,6 +46,7 @@ __all__ = [
     "Isolation",
     "Limits",
     "Sandbox",
+    "SANDBOXES",
     "SandboxError",
     "Session",
     "make_sandbox",
