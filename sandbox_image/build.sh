@@ -60,7 +60,10 @@ fi
 log "docker build $IMAGE on $BASE_IMAGE"
 # BuildKit needs the buildx plugin; without it, ask for the classic builder instead of failing.
 docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
-# The context, streamed as a tar: this directory's files and the package's cell module.
+# The context, streamed as a tar: this directory's files and the package's cell module. The label
+# is their digest (tir_envs/sandbox/docker.py: sources_digest), so a stale image is refused.
+SOURCES="$(cat "$HERE/Dockerfile" "$HERE/runner.py" "$CELL_DIR/cell.py" | sha256sum | cut -d' ' -f1)"
 tar -c -C "$HERE" Dockerfile runner.py -C "$CELL_DIR" cell.py \
-    | docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" - >/dev/null
+    | docker build -q --build-arg "BASE_IMAGE=$BASE_IMAGE" --label "tir-gym.sources=$SOURCES" \
+        -t "$IMAGE" - >/dev/null
 log "ready: $IMAGE ($((SECONDS - start)) s)"

@@ -318,3 +318,21 @@ def test_warm_exec_is_fast(sandbox):
             assert session.run("print(sum(range(10)))").ok
             latencies.append(time.perf_counter() - start)
     assert statistics.median(latencies) < 0.1
+
+
+def test_an_image_built_from_other_sources_is_refused(engine):
+    """An image whose sources label differs from this checkout's runner and cell module (an
+    image built before them) is refused with the command that rebuilds it, not run."""
+    import io
+
+    stale = "tir-sandbox:stale-sources-test"
+    dockerfile = f"FROM {docker_backend.DEFAULT_IMAGE}\nLABEL {docker_backend.SOURCES_LABEL}=old\n"
+    engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=stale, rm=True)
+    try:
+        reason = docker_backend.unavailable_reason(stale)
+        assert reason is not None and "other sources" in reason and "build.sh" in reason
+        with pytest.raises(SandboxError, match="other sources"):
+            make_sandbox("docker", image=stale, pool_size=1, **LIMITS)
+    finally:
+        engine.images.remove(stale, force=True)
+    assert docker_backend.image_problem(engine, docker_backend.DEFAULT_IMAGE) is None

@@ -1,7 +1,8 @@
 """Docker sandbox backend: one locked-down container per live session, kept warm in a pool.
 
 Each container runs ``sandbox_image/runner.py`` as PID 1: a zygote that imported numpy and sympy
-once and forks one kernel per session, which runs cells with ``cell.py`` as the local kernel does. The host speaks to it over the container's attached
+once and forks one kernel per session, which runs cells with ``cell.py`` as the local kernel
+does. The host speaks to it over the container's attached
 stdin/stdout (one hijacked HTTP connection per container, no ``exec`` per call), so a warm run
 costs well under a millisecond on top of the code itself on an idle machine.
 
@@ -12,11 +13,14 @@ the ``tir-gym.sandbox`` label, are started with ``auto_remove`` and see their st
 process dies, so a crashed run leaves nothing behind; ``remove_leftovers`` sweeps what remains.
 
 Build the image first: ``sandbox_image/build.sh`` (``scripts/docker_engine.sh`` also starts dockerd).
+The build labels the image with a digest of its sources; in a checkout, an image built from other
+sources (an older runner or cell module) is refused with the command that rebuilds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +30,7 @@ import threading
 import time
 import uuid
 import weakref
+from pathlib import Path
 
 from tir_envs.sandbox.base import (
     ExecResult,
@@ -41,6 +46,14 @@ from tir_envs.sandbox.base import (
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = "tir-sandbox:latest"
+SOURCES_LABEL = "tir-gym.sources"
+"""Image label: the sha256 of the files the image is built from (``sources_digest``)."""
+IMAGE_SOURCES = (
+    Path(__file__).resolve().parents[2] / "sandbox_image" / "Dockerfile",
+    Path(__file__).resolve().parents[2] / "sandbox_image" / "runner.py",
+    Path(__file__).resolve().with_name("cell.py"),
+)
+"""What ``sandbox_image/build.sh`` puts in the build context, in the order it hashes them."""
 LABEL = "tir-gym.sandbox"
 OWNER_LABEL = "tir-gym.owner"
 POOL_LABEL = "tir-gym.pool"
@@ -347,14 +360,9 @@ class DockerSandbox(Sandbox):
     # --- pool ------------------------------------------------------------------------------------
 
     def _check_image(self) -> None:
-        import docker.errors
-
-        try:
-            self._client.images.get(self.image)
-        except docker.errors.ImageNotFound as exc:
-            raise SandboxError(
-                f"docker image {self.image!r} not found; build it with sandbox_image/build.sh"
-            ) from exc
+        problem = image_problem(self._client, self.image)
+        if problem:
+            raise SandboxError(problem)
 
     def _probe(self) -> Isolation:
         """Start the first container, open and close a kernel in it, and read off the layers."""
@@ -493,14 +501,35 @@ def unavailable_reason(image: str = DEFAULT_IMAGE) -> str | None:
         client = _connect()
     except SandboxError as exc:
         return str(exc)
-    import docker.errors
-
     try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        return f"docker image {image!r} not found; build it with sandbox_image/build.sh"
+        return image_problem(client, image)
     finally:
         client.close()
+
+
+def sources_digest() -> str | None:
+    """sha256 of the image's source files, concatenated as ``build.sh`` hashes them; None
+    outside a checkout (an installed package does not ship ``sandbox_image/``)."""
+    if not all(path.is_file() for path in IMAGE_SOURCES):
+        return None
+    return hashlib.sha256(b"".join(path.read_bytes() for path in IMAGE_SOURCES)).hexdigest()
+
+
+def image_problem(client, image: str) -> str | None:
+    """Why ``image`` cannot serve this checkout (missing, or built from other sources), or None."""
+    import docker.errors
+
+    rebuild = "build it with sandbox_image/build.sh (or scripts/docker_engine.sh)"
+    try:
+        labels = client.images.get(image).labels or {}
+    except docker.errors.ImageNotFound:
+        return f"docker image {image!r} not found; {rebuild}"
+    expected = sources_digest()
+    if expected is not None and labels.get(SOURCES_LABEL) != expected:
+        return (f"docker image {image!r} was built from other sources than this checkout's "
+                f"sandbox_image/ and cell.py (label {SOURCES_LABEL}="
+                f"{labels.get(SOURCES_LABEL, 'missing')!r}, expected {expected[:12]}...); "
+                f"re{rebuild}")
     return None
 
 
