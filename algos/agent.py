@@ -39,8 +39,8 @@ from algos.batch import RolloutBatch, TokenBatch, rollout_batch
 from algos.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from algos.config import AlgoConfig
 from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
+from algos.generation import make_generator
 from algos.generation.base import Generator, SamplingParams
-from algos.generation.hf import HFGenerator
 from algos.losses import aggregation_count, policy_loss
 from algos.metrics import MetricsLogger, trajectory_metrics
 from algos.models import load_policy
@@ -202,7 +202,7 @@ class Agent:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
-        self.generator = generator or HFGenerator(self.policy, tokenizer)
+        self.generator = generator or make_generator("hf", model=self.policy, tokenizer=tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
         self.estimator = get_advantage(self.config.advantage)

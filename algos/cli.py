@@ -433,8 +433,8 @@ def evaluate(
     """Evaluate a model on a TIR env under the common protocol."""
     _setup(False, threads)
     from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
+    from algos.generation import make_generator
     from algos.generation.base import SamplingParams
-    from algos.generation.hf import HFGenerator
     from algos.models import load_policy
     from algos.rollout import RolloutConfig, make_vec_env
 
@@ -451,9 +451,9 @@ def evaluate(
         problems = heldout_problems(problem_source(vec_env), limit)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 stop=rollout.stop, seed=seed)
-        records = evaluate_problems(vec_env, HFGenerator(policy, tokenizer), tokenizer, problems,
-                                    params, samples=samples,
-                                    max_total_tokens=rollout.max_total_tokens)
+        generator = make_generator("hf", model=policy, tokenizer=tokenizer)
+        records = evaluate_problems(vec_env, generator, tokenizer, problems, params,
+                                    samples=samples, max_total_tokens=rollout.max_total_tokens)
     finally:
         vec_env.close()
         sandbox.close()

@@ -402,11 +402,11 @@ def load_model(spec: ModelSpec) -> tuple[Generator, Any]:
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(spec.tokenizer or spec.source))
         return OpenAIGenerator(spec.endpoint, spec.source, tokenizer=tokenizer), tokenizer
-    from algos.generation.hf import HFGenerator
+    from algos.generation import make_generator
     from algos.models import load_policy
 
     model, tokenizer = load_policy(spec.source)
-    return HFGenerator(model, tokenizer), tokenizer
+    return make_generator("hf", model=model, tokenizer=tokenizer), tokenizer
 
 
 def run_leaderboard(

@@ -47,6 +47,7 @@ from trl import GRPOTrainer
 from algos.advantages import check_config, get_advantage
 from algos.batch import RolloutBatch
 from algos.config import AlgoConfig, GTPOConfig
+from algos.generation import make_generator
 from algos.generation.base import Generator, SamplingParams
 from algos.generation.hf import HFGenerator
 from algos.rollout import RolloutConfig, Trajectory, collect, make_vec_env
@@ -153,7 +154,7 @@ class TIRRollout:
     def _trainer_generator(self, trainer: GRPOTrainer, tokenizer) -> Generator:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if not isinstance(self.generator, HFGenerator) or self.generator.model is not model:
-            self.generator = HFGenerator(model, tokenizer)
+            self.generator = make_generator("hf", model=model, tokenizer=tokenizer)
         return self.generator
 
     def _envs(self, n: int, tokenizer):
