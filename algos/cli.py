@@ -1,4 +1,4 @@
-"""The ``tir`` command: ``tir train``, ``tir eval``.
+"""The ``tir`` command: ``tir train``, ``tir eval``, ``tir leaderboard``, ``tir data check``.
 
 Configs: ``--config run.toml`` (top-level keys are the algorithm's config fields, a ``[rollout]``
 table the rollout's) and repeatable ``--set key=value`` overrides (``--set lr=1e-5``,
@@ -529,3 +529,47 @@ def leaderboard(
     typer.echo((out / "leaderboard.md").read_text())
     typer.echo(f"results: {out / 'results.json'}  page: {out / 'index.html'}"
                + ("" if results["complete"] else "  (incomplete: rerun to finish)"))
+
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                       help="Inspect problem files and benchmarks.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    source: Annotated[str, typer.Argument(help="a jsonl/parquet file or a benchmark name")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="benchmark dir (default: "
+                                                          "$TIR_DATA_DIR)")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="list every problem")] = False,
+    verbose: bool = False,
+) -> None:
+    """Show how a file or benchmark is read: fields, prompts, gold answers, problem ids."""
+    _setup(verbose, None)
+    from tir_envs.data_check import check_source
+    from tir_envs.protocol import render_prompt
+
+    try:
+        report = check_source(source, data_dir)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    fields, problems = report.fields, report.problems
+    typer.echo(f"{report.source}: {len(problems)} problems")
+    typer.echo(f"fields: question={'+'.join(fields.question)} answer={fields.answer} "
+               f"({fields.answer_extractor.__name__}) id={fields.id or '(row number)'}")
+    typer.echo("\nprompts (the user turn; the system prompt is the protocol's, the same for all):")
+    for problem in problems[:3]:
+        prompt = render_prompt(problem.question, system_prompt=None)
+        typer.echo(f"\n--- {problem.id}  gold: {problem.answer}\n{prompt}")
+    typer.echo(f"gold answers: {report.parsed}/{len(problems)} parse, "
+               f"{report.self_graded}/{len(problems)} self-grade")
+    for problem_id, reason in report.gold_failures.items():
+        typer.echo(f"  {problem_id}: {reason}")
+    count = len(problems)
+    shown = range(count) if show_all or count <= 20 else [*range(10), *range(count - 5, count)]
+    typer.echo(f"\nproblems ({'all' if len(shown) == count else 'first 10 and last 5; --all'}):")
+    for index in shown:
+        problem = problems[index]
+        typer.echo(f"  {index:>5}  {problem.id:<36} {problem.answer[:24]:<24} "
+                   f"{problem.question[:60]!r}")

@@ -40,3 +40,19 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def sample_benchmarks_dir(tmp_path_factory) -> Path:
+    """A ``TIR_DATA_DIR`` holding a few real records of each benchmark added beyond the shared five,
+    in the Qwen2.5-Math evaluation suite's layout (``<name>/test.jsonl``)."""
+    import json
+
+    from tests.real_records import REAL_RECORDS
+
+    root = tmp_path_factory.mktemp("benchmarks")
+    for name, records in REAL_RECORDS.items():
+        (root / name).mkdir()
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        (root / name / "test.jsonl").write_text(lines, encoding="utf-8")
+    return root

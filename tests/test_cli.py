@@ -68,3 +68,27 @@ def test_config_file_and_overrides(tiny_dir, tmp_path):
     config, rollout = build_configs("gtpo", config_file, ["lr=1e-4", "rollout.temperature=0.7"], {})
     assert config.lr == 1e-4 and config.shaping is False
     assert rollout.max_turns == 3 and rollout.temperature == 0.7
+
+
+def test_data_check_reports_fields_prompts_golds_and_ids(tmp_path):
+    path = tmp_path / "mwp.jsonl"
+    path.write_text(json.dumps({"Body": "Paul painted 9 pictures on Monday and 4 on Tuesday.",
+                                "Question": "How many pictures did he paint total?",
+                                "Answer": "13 (pictures)", "ID": "p1"}) + "\n"
+                    + json.dumps({"Body": "b", "Question": "q?", "Answer": "['-3,0']",
+                                  "ID": "p2"}) + "\n")
+    result = CliRunner().invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "2 problems" in result.output and "question=Body+Question answer=Answer" in result.output
+    assert "Paul painted 9 pictures on Monday and 4 on Tuesday. How many" in result.output
+    assert "gold: 13" in result.output and "1/2 self-grade" in result.output
+    assert "file/p2: \"['-3,0']\" is a Python list repr" in result.output
+    assert "file/p1" in result.output and "problems (all)" in result.output
+
+
+def test_data_check_refuses_an_ambiguous_file(tmp_path):
+    path = tmp_path / "ambiguous.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "prompt": "hi", "answer": 4}) + "\n")
+    result = CliRunner().invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 1
+    assert "ambiguous layout" in result.output and "'question', 'prompt'" in result.output

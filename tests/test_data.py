@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.real_records import REAL_RECORDS
 from tir_envs.data import (
     BENCHMARKS,
     DATA_DIR_ENV,
@@ -18,9 +19,12 @@ from tir_envs.data import (
     ProblemSet,
     benchmark_spec,
     canonical_number,
+    detect_fields,
     load_benchmark,
     load_file,
+    suspect_gold,
 )
+from tir_envs.grading import grade
 
 
 def write_jsonl(path, records):
@@ -47,7 +51,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_benchmark_files_load(name, benchmarks_dir):
     problems = load_benchmark(name, benchmarks_dir)
     count, first_id, first_answer, question_part = EXPECTED[name]
@@ -60,7 +64,7 @@ def test_benchmark_files_load(name, benchmarks_dir):
 
 
 def test_benchmark_answers_are_reduced_for_grading(benchmarks_dir):
-    by_id = {p.id: p for name in BENCHMARKS for p in load_benchmark(name, benchmarks_dir)}
+    by_id = {p.id: p for name in EXPECTED for p in load_benchmark(name, benchmarks_dir)}
     assert by_id["aime24/67"].answer == "25"  # file: "025"
     assert by_id["amc23/17"].answer == "-1"  # file: -1.0
     assert "2125" in {p.answer for p in by_id.values() if p.source == "gsm8k"}  # file: "#### 2,125"
@@ -324,3 +328,154 @@ def test_problem_set_rejects_empty_and_duplicates():
 def test_problems_are_hashable_despite_meta():
     problem = Problem("x", "q", "1", "file", {"level": 1})
     assert {problem: 1}[Problem("x", "q", "1", "file", {"level": 1})] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: read right or refused (issue 13)
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_benchmark_has_a_real_file_or_real_records():
+    assert set(BENCHMARKS.names()) == set(EXPECTED) | set(REAL_RECORDS)
+
+
+def test_body_and_question_are_joined_in_any_letter_case(tmp_path):
+    """ASDiv's lowercase layout: the question alone has none of the numbers."""
+    path = write_jsonl(tmp_path / "asdiv.jsonl", REAL_RECORDS["asdiv"])
+    problem = next(p for p in load_file(path) if p.id == "file/223")
+    assert problem.question.startswith("Next in their itinerary was the insectarium")
+    assert problem.question.endswith("60 species of butterflies, 15 species of ants and 20 "
+                                     "species of other insects. How many species of insects "
+                                     "did Penny capture?")
+    assert detect_fields(["BODY", "QUESTION", "ANSWER"]).question == ("BODY", "QUESTION")
+    assert detect_fields(["Context", "Problem", "Final_Answer"]).question == ("Context", "Problem")
+
+
+def test_annotated_answers_are_reduced_so_a_correct_box_grades_right(tmp_path):
+    path = write_jsonl(tmp_path / "asdiv.jsonl", REAL_RECORDS["asdiv"] + [
+        {"body": "Paul painted 9 pictures on Monday and 4 on Tuesday.",
+         "question": "How many pictures did he paint total?", "answer": "13 (pictures)",
+         "idx": 7},
+        {"body": "b", "question": "q", "answer": "9 (apples); 3 (pears)", "idx": 8},
+    ])
+    answers = {p.id: p.answer for p in load_file(path)}
+    assert answers == {"file/29": "Mrs. Hilt", "file/174": "5:45", "file/223": "95",
+                       "file/0": "9", "file/7": "13", "file/8": "9, 3"}
+    assert grade("13", answers["file/7"]) and grade("\\text{Mrs. Hilt}", answers["file/29"])
+    assert grade("3, 9", answers["file/8"]) and not grade("9", answers["file/8"])
+
+
+@pytest.mark.parametrize(
+    ("final_answer", "right", "wrong"),
+    [
+        (["-3,0"], "0, -3", "-3"),
+        (["1", "2"], "2, 1", "1"),
+        (["$69$,$84$"], "84, 69", "69"),
+        (["$(1,1), (3,2)$"], "(3,2), (1,1)", "(1,1)"),
+    ],
+)
+def test_list_answers_are_joined_as_a_set_never_a_repr(tmp_path, final_answer, right, wrong):
+    path = write_jsonl(tmp_path / "ob.jsonl",
+                       [{"id": 1, "question": "Find all x.", "final_answer": final_answer}])
+    (problem,) = load_file(path)
+    assert "[" not in problem.answer and "'" not in problem.answer
+    assert grade(right, problem.answer) and not grade(wrong, problem.answer)
+
+
+@pytest.mark.parametrize(
+    ("record", "candidates"),
+    [
+        ({"question": "What is 2+2?", "prompt": "Say hi", "answer": 4}, r"'question', 'prompt'"),
+        ({"problem": "2+2?", "answer": 4, "target": 5}, r"'answer', 'target'"),
+        ({"Question": "2+2?", "question": "3+3?", "answer": 4}, r"'Question', 'question'"),
+        ({"body": "Tom has 2.", "context": "Ann has 3.", "question": "How many?", "answer": 2},
+         r"'body', 'context'"),
+    ],
+)
+def test_ambiguous_layouts_are_refused_naming_the_candidates(tmp_path, record, candidates):
+    path = write_jsonl(tmp_path / "ambiguous.jsonl", [record])
+    with pytest.raises(ValueError, match=rf"ambiguous layout: .*\[{candidates}\]"):
+        load_file(path)
+
+
+def test_candidates_holding_the_same_values_are_not_ambiguous(benchmarks_dir):
+    """AMC23's file has both ``problem`` and ``question``, with the same text."""
+    assert [p.answer for p in load_file(benchmarks_dir / "amc23.jsonl")][:2] == ["27", "36"]
+
+
+def test_suspect_gold_answers_are_reported(tmp_path, caplog):
+    assert "Python list repr" in suspect_gold("['-3,0']")
+    assert "annotation" in suspect_gold("13 (pictures)")
+    assert suspect_gold("-3,0") is None and suspect_gold("(1,2]") is None
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"q": "x?", "a": "['-3,0']"}, {"q": "y?", "a": 1}])
+    with caplog.at_level("WARNING", logger="tir_envs.data"):
+        load_file(path, question_field="q", answer_field="a")
+    assert "1 of 2 gold answers" in caplog.text and "tir data check" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# The standard TIR set beyond the shared five, from a few real records each
+# --------------------------------------------------------------------------------------------
+
+REAL_EXPECTED = {
+    # name: (ids, gold answers)
+    "aime25": (["aime25/0", "aime25/3"], ["70", "117"]),
+    "minerva_math": (["minerva_math/0", "minerva_math/1"], ["1.6", "4.5e33"]),
+    "olympiadbench": (
+        ["olympiadbench/1929", "olympiadbench/2243", "olympiadbench/2253", "olympiadbench/2317"],
+        ["(1,1), (3,2)", "(-\\infty,-5)", "45", "-3,0"],
+    ),
+    "college_math": (
+        ["college_math/0", "college_math/1", "college_math/2"],
+        ["10-4 n", "(45,2),(-10,-9)", "x<-7:(-\\infty,-7)"],
+    ),
+    "asdiv": (["asdiv/29", "asdiv/174", "asdiv/223", "asdiv/0"], ["Mrs. Hilt", "5:45", "95", "9"]),
+    "gsm_hard": (["gsm_hard/0", "gsm_hard/1", "gsm_hard/2"], ["-9867630", "3431580", "3244047.1"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_EXPECTED))
+def test_added_benchmarks_load_from_the_qwen_layout(name, sample_benchmarks_dir):
+    problems = load_benchmark(name, sample_benchmarks_dir, from_hub=False)
+    ids, answers = REAL_EXPECTED[name]
+    assert [p.id for p in problems] == ids and [p.answer for p in problems] == answers
+    assert all(p.source == name and p.question.strip() for p in problems)
+    assert all("None" not in p.question for p in problems)  # OlympiadBench's null context
+
+
+@pytest.mark.parametrize(
+    ("name", "problem_id", "right", "wrong"),
+    [
+        ("aime25", "aime25/0", "070", "71"),
+        ("minerva_math", "minerva_math/0", "1.6 \\mathrm{~cm}", "16"),
+        ("minerva_math", "minerva_math/1", "4.5 \\times 10^{33}", "4.5 \\times 10^{32}"),
+        ("olympiadbench", "olympiadbench/2243", "(-\\infty, -5)", "(-\\infty, -5]"),
+        ("olympiadbench", "olympiadbench/2317", "0,-3", "-3"),
+        ("olympiadbench", "olympiadbench/1929", "(3,2),(1,1)", "(2,3),(1,1)"),
+        ("olympiadbench", "olympiadbench/2253", "45 \\text{ minutes}", "30"),
+        ("college_math", "college_math/0", "10 - 4n", "10 + 4n"),
+        ("college_math", "college_math/1", "(-10,-9), (45,2)", "(45,2)"),
+        ("asdiv", "asdiv/223", "95", "94"),
+        ("asdiv", "asdiv/29", "\\text{Mrs. Hilt}", "\\text{Jacob}"),
+        ("gsm_hard", "gsm_hard/0", "-9,867,630", "9867630"),
+        ("gsm_hard", "gsm_hard/2", "3244047.1", "3244047"),
+    ],
+)
+def test_added_benchmarks_grade_their_answer_types(
+    name, problem_id, right, wrong, sample_benchmarks_dir
+):
+    """Intervals, units, multiple answers, LaTeX and big numbers, on real records."""
+    problems = ProblemSet(load_benchmark(name, sample_benchmarks_dir, from_hub=False))
+    gold = problems.get(problem_id).answer
+    assert grade(right, gold), (right, gold)
+    assert not grade(wrong, gold), (wrong, gold)
+
+
+def test_added_benchmark_names_and_env_ids():
+    assert benchmark_spec("GSM-Hard").name == "gsm_hard"
+    assert benchmark_spec("Minerva-Math").name == "minerva_math"
+    assert benchmark_spec("AIME2025").name == "aime25"
+    assert benchmark_spec("CollegeMath").name == "college_math"
+    assert benchmark_spec("olympiad").name == "olympiadbench"
+    assert benchmark_spec("gsm_hard").env_id == "TIR-GSM-HARD-v0"
+    assert benchmark_spec("olympiadbench").hub_config == "OE_TO_maths_en_COMP"

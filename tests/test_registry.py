@@ -95,6 +95,12 @@ def test_env_ids_are_derived_from_the_benchmark_registry():
         ("TIR-AMC23-v0", "amc23"),
         ("TIR-GSM8K-v0", "gsm8k"),
         ("TIR-SVAMP-v0", "svamp"),
+        ("TIR-AIME25-v0", "aime25"),
+        ("TIR-MINERVA-MATH-v0", "minerva_math"),
+        ("TIR-OLYMPIADBENCH-v0", "olympiadbench"),
+        ("TIR-COLLEGE-MATH-v0", "college_math"),
+        ("TIR-ASDIV-v0", "asdiv"),
+        ("TIR-GSM-HARD-v0", "gsm_hard"),
     ]
     assert [spec.env_id for _, spec in BENCHMARKS.items()] == list(tir_envs.ENV_IDS)[1:]
 

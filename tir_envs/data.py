@@ -5,9 +5,9 @@ the grader compares against (GSM8K ``"... #### 72"`` -> ``"72"``, SVAMP ``5.0`` 
 MATH-500 LaTeX kept as written). ``ProblemSet`` gives the env index/id lookup (GRPO groups pin one
 problem) and seeded sampling.
 
-Benchmark files are looked up in ``data_dir`` or ``$TIR_DATA_DIR`` as ``<name>.jsonl`` or
-``<name>.parquet``; when neither exists the hub is tried if the optional ``datasets`` package
-(the ``hub`` extra) is installed.
+Benchmark files are looked up in ``data_dir`` or ``$TIR_DATA_DIR`` as ``<name>.jsonl``,
+``<name>/test.jsonl`` (the Qwen2.5-Math evaluation suite's layout) or the same as parquet; when
+none exists the hub is tried if the optional ``datasets`` package (the ``hub`` extra) is installed.
 """
 
 from __future__ import annotations
@@ -90,8 +90,36 @@ def latex_answer(value: Any) -> str:
     return str(value).strip()
 
 
-def _auto_answer(value: Any) -> str:
-    """Answer of an unknown schema: a number, ``#### n``, a boxed solution, or the text itself."""
+
+# ``13 (pictures)``, ``95 (species of insects)``: ASDiv's answers name what was counted.
+_ANNOTATED_NUMBER = re.compile(r"([+-]?[\d.,/:]*\d)\s*(?:\([^()]*\))?")
+
+
+def without_annotations(value: Any) -> str:
+    """ASDiv style: ``13 (pictures)`` -> ``13``; ``9 (apples); 3 (pears)`` -> ``9, 3``.
+
+    The grader reads a bracketed word as part of the answer, so a correct ``\\boxed{13}`` would
+    grade wrong against the annotated gold. Text answers (``Mrs. Hilt``) come back unchanged.
+    """
+    text = str(value).strip()
+    parts = [_ANNOTATED_NUMBER.fullmatch(part.strip()) for part in text.split(";")]
+    if not all(parts):
+        return text
+    return ", ".join(canonical_number(match[1]) for match in parts)
+
+
+def auto_answer(value: Any) -> str:
+    """Answer of any schema: a number, ``#### n``, a boxed solution, a list, or the text.
+
+    A list (OlympiadBench's ``final_answer``: ``["-3,0"]``, ``["1", "2"]``) becomes its items
+    joined by ``", "``, which the grader compares as an unordered set of answers. ``$``
+    delimiters go (CollegeMath's ``$10-4 n$``); annotations too (``13 (pictures)`` -> ``13``).
+    """
+    if isinstance(value, (list, tuple)):
+        items = [auto_answer(item) for item in value if item is not None and str(item).strip()]
+        if not items:
+            raise ValueError("empty answer list")
+        return ", ".join(items)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return canonical_number(value)
     text = str(value)
@@ -99,7 +127,7 @@ def _auto_answer(value: Any) -> str:
         return answer_after_hashes(text)
     if "\\boxed" in text or "\\fbox" in text:
         return answer_from_solution(text)
-    return canonical_number(text)
+    return canonical_number(without_annotations(re.sub(r"(?<!\\)\$", "", text)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,14 +151,16 @@ class FieldMap:
     question: tuple[str, ...]
     answer: str
     id: str | None = None
-    answer_extractor: Callable[[Any], str] = _auto_answer
+    answer_extractor: Callable[[Any], str] = auto_answer
     meta: tuple[str, ...] = ()
 
     def to_problem(self, record: Mapping[str, Any], index: int, source: str) -> Problem:
         missing = [name for name in (*self.question, self.answer) if name not in record]
         if missing:
             raise KeyError(f"record {index} has no field(s) {missing}; it has {sorted(record)}")
-        question = functools.reduce(_join_sentences, (str(record[n]) for n in self.question))
+        # OlympiadBench's ``context`` is null when the problem stands alone.
+        parts = [str(record[n]) for n in self.question if record[n] is not None]
+        question = functools.reduce(_join_sentences, parts, "")
         raw_id = record.get(self.id) if self.id else None
         local_id = str(raw_id) if raw_id is not None else str(index)
         try:
@@ -145,44 +175,72 @@ class FieldMap:
         )
 
 
-# Common schemas, most specific first: (question fields, answer field, answer extractor).
-_KNOWN_QUESTIONS: tuple[tuple[str, ...], ...] = (
-    ("Body", "Question"),
-    ("problem",),
-    ("question",),
-    ("Question",),
-    ("Problem",),
-    ("prompt",),
-)
-_KNOWN_ANSWERS: tuple[tuple[str, Callable[[Any], str]], ...] = (
-    ("answer", _auto_answer),
-    ("Answer", _auto_answer),
-    ("final_answer", _auto_answer),
-    ("gold", _auto_answer),
-    ("solution", answer_from_solution),
-    ("Solution", answer_from_solution),
-)
-_KNOWN_IDS = ("id", "unique_id", "ID", "Id", "problem_id", "idx")
+# Field names of the common layouts (matched in any letter case), in order of preference.
+_CONTEXTS = ("body", "context")
+"""Story fields that come before the question (ASDiv, SVAMP, OlympiadBench): dropping them
+loses the numbers the question asks about."""
+_QUESTIONS = ("problem", "question", "prompt", "input")
+_ANSWERS = ("final_answer", "answer", "target", "gold")
+_SOLUTIONS = ("solution",)
+"""Worked solutions: only used when there is no short answer; their last ``\\boxed{}`` is read."""
+_KNOWN_IDS = ("id", "unique_id", "problem_id", "idx")
+
+
+def _pick(
+    role: str, names: Sequence[str], by_lower: Mapping[str, list[str]], records: Sequence[Mapping]
+) -> str | None:
+    """The one field playing ``role``; several candidates must agree on every record."""
+    candidates = [column for name in names for column in by_lower.get(name, ())]
+    if len(candidates) > 1 and any(
+        len({json.dumps(r.get(c), sort_keys=True, default=str) for c in candidates}) > 1
+        for r in records
+    ):
+        raise ValueError(
+            f"ambiguous layout: the {role} could be any of {candidates} and they differ; "
+            f"name it (e.g. {role}_field={candidates[0]!r})"
+        )
+    return candidates[0] if candidates else None
 
 
 def detect_fields(
     columns: Iterable[str],
     *,
+    records: Sequence[Mapping[str, Any]] = (),
     question_field: str | None = None,
     answer_field: str | None = None,
     id_field: str | None = None,
 ) -> FieldMap:
-    """The ``FieldMap`` for a schema, from explicit names or the common conventions above."""
+    """The ``FieldMap`` for a schema, from explicit names or the common layouts above.
+
+    Names match in any letter case. A story field (``body``/``context``) is joined before the
+    question. Two candidates for one role (``question`` and ``prompt``) are refused unless they
+    hold the same values in ``records``, so a file is read right or not at all.
+    """
     columns = list(columns)
+    by_lower: dict[str, list[str]] = {}
+    for column in columns:
+        by_lower.setdefault(column.lower(), []).append(column)
     if question_field is not None:
-        question = tuple(question_field.split("+"))
+        question: tuple[str, ...] | None = tuple(question_field.split("+"))
     else:
-        question = next((q for q in _KNOWN_QUESTIONS if all(c in columns for c in q)), None)
+        asked = _pick("question", _QUESTIONS, by_lower, records)
+        context = _pick("context", _CONTEXTS, by_lower, records)
+        question = (context, asked) if context and asked else (asked,) if asked else None
     if answer_field is not None:
-        answer = next(((a, x) for a, x in _KNOWN_ANSWERS if a == answer_field), None)
-        answer = answer or (answer_field, _auto_answer)
+        answer: tuple[str, Callable[[Any], str]] | None = (
+            answer_field,
+            answer_from_solution if answer_field.lower() in _SOLUTIONS else auto_answer,
+        )
     else:
-        answer = next(((a, x) for a, x in _KNOWN_ANSWERS if a in columns), None)
+        short = _pick("answer", _ANSWERS, by_lower, records)
+        solution = _pick("solution", _SOLUTIONS, by_lower, records)
+        answer = (
+            (short, auto_answer)
+            if short
+            else (solution, answer_from_solution)
+            if solution
+            else None
+        )
     if question is None or answer is None:
         raise ValueError(
             f"cannot tell which fields hold the question and the answer among {columns}; "
@@ -191,9 +249,9 @@ def detect_fields(
     for name in (*question, answer[0]):
         if name not in columns:
             raise ValueError(f"field {name!r} not in the file's fields {columns}")
-    ident = (
-        id_field if id_field is not None else next((i for i in _KNOWN_IDS if i in columns), None)
-    )
+    ident = id_field
+    if ident is None:
+        ident = next((c for name in _KNOWN_IDS for c in by_lower.get(name, ())), None)
     if ident is not None and ident not in columns:
         raise ValueError(f"id field {ident!r} not in the file's fields {columns}")
     used = {*question, answer[0], ident}
@@ -257,20 +315,56 @@ def load_file(
 ) -> list[Problem]:
     """Problems from a user's jsonl/parquet file; fields are auto-detected unless named.
 
-    Recognized: question in ``problem`` / ``question`` / ``Question`` (joined with ``Body`` when
-    present) / ``Problem`` / ``prompt``; answer in ``answer`` / ``Answer`` / ``final_answer`` /
-    ``gold`` (numbers, ``#### n`` and boxed solutions are reduced) or the last ``\\boxed{}`` of
-    ``solution``; id in ``id`` / ``unique_id`` / ``ID`` / ``problem_id`` / ``idx``, else the row
-    number. ``question_field="Body+Question"`` joins two fields.
+    Auto-detection (any letter case): question in ``problem`` / ``question`` / ``prompt`` /
+    ``input``, joined after ``body`` / ``context`` when present; answer in ``final_answer`` /
+    ``answer`` / ``target`` / ``gold`` (numbers, ``#### n``, boxed solutions, lists and
+    ``13 (pictures)`` annotations are reduced), else the last ``\\boxed{}`` of ``solution``; id in
+    ``id`` / ``unique_id`` / ``problem_id`` / ``idx``, else the row number. An ambiguous layout
+    is refused with the candidate fields named. ``question_field="Body+Question"`` joins two
+    fields. Gold answers the grader would misread are logged as a warning (``tir data check``
+    lists them).
     """
     records = read_records(path)
     if not records:
         raise ValueError(f"no problems in {path}")
-    columns = list(records[0])
     fields = detect_fields(
-        columns, question_field=question_field, answer_field=answer_field, id_field=id_field
+        list(records[0]),
+        records=records,
+        question_field=question_field,
+        answer_field=answer_field,
+        id_field=id_field,
     )
-    return _problems_from_records(records, fields, source)
+    problems = _problems_from_records(records, fields, source)
+    suspects = suspect_golds(problems)
+    if suspects:
+        example = next(iter(suspects.items()))
+        logger.warning(
+            "%d of %d gold answers in %s may not grade as intended (e.g. %s: %s); "
+            "run `tir data check %s`",
+            len(suspects), len(problems), path, *example, path,
+        )
+    return problems
+
+
+_SUSPECT_GOLDS = (
+    (re.compile(r"\[\s*['\"].*['\"]\s*\]"), "is a Python list repr"),
+    (re.compile(r"[+-]?[\d.,]*\d\s*\([A-Za-z][^()]*\)"), "carries a bracketed annotation"),
+    (re.compile(r"None|nan|null", re.IGNORECASE), "is empty"),
+)
+
+
+def suspect_gold(answer: str) -> str | None:
+    """Why a gold answer would make correct model answers grade wrong, if it looks that way."""
+    for pattern, reason in _SUSPECT_GOLDS:
+        if pattern.fullmatch(answer.strip()):
+            return f"{answer!r} {reason}"
+    return None
+
+
+def suspect_golds(problems: Iterable[Problem]) -> dict[str, str]:
+    """Problem id -> reason, for every gold answer ``suspect_gold`` flags (cheap: no grader)."""
+    reasons = ((problem.id, suspect_gold(problem.answer)) for problem in problems)
+    return {problem_id: reason for problem_id, reason in reasons if reason}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +387,9 @@ class BenchmarkSpec:
 
     @property
     def env_id(self) -> str:
-        """Its Gymnasium id: ``math500`` -> ``TIR-MATH500-v0``."""
-        return f"TIR-{self.name.upper()}-v0"
+        """Its Gymnasium id: ``math500`` -> ``TIR-MATH500-v0``, ``gsm_hard`` -> ``TIR-GSM-HARD-v0``.
+        """
+        return f"TIR-{self.name.upper().replace('_', '-')}-v0"
 
 
 BENCHMARKS: Registry[BenchmarkSpec] = Registry("benchmark")
@@ -351,6 +446,71 @@ for _spec in (
             ("Body", "Question"), "Answer", "ID", canonical_number, ("Type", "Equation")
         ),
     ),
+    # The standard TIR evaluation set beyond the five above, named as in the Qwen2.5-Math
+    # evaluation suite's data directory (evaluation/data/<name>/test.jsonl).
+    BenchmarkSpec(
+        name="aime25",
+        file_stem="aime25",
+        hub_id="math-ai/aime25",
+        hub_split="test",
+        fields=FieldMap(("problem",), "answer", "id", canonical_number),
+    ),
+    BenchmarkSpec(
+        name="minerva_math",
+        file_stem="minerva_math",
+        hub_id="svc-huggingface/minerva-math",
+        hub_split="test",
+        # Answers are the last \boxed{} of the worked solution, units left outside the box.
+        fields=FieldMap(("problem",), "solution", "idx", answer_from_solution, ("type",)),
+    ),
+    BenchmarkSpec(
+        name="olympiadbench",
+        file_stem="olympiadbench",
+        hub_id="Hothan/OlympiadBench",
+        hub_config="OE_TO_maths_en_COMP",  # open-ended, text-only, maths, English
+        hub_split="train",
+        fields=FieldMap(
+            ("context", "question"),
+            "final_answer",
+            "id",
+            auto_answer,
+            ("subfield", "answer_type", "is_multiple_answer", "unit", "error", "solution"),
+        ),
+    ),
+    BenchmarkSpec(
+        name="college_math",
+        file_stem="college_math",
+        hub_id="qq8933/College_Math_Test",
+        hub_split="train",
+        # question_number repeats across textbooks: the row number is the id.
+        fields=FieldMap(
+            ("question",),
+            "answer",
+            None,
+            auto_answer,
+            ("data_source", "question_number", "data_topic"),
+        ),
+    ),
+    BenchmarkSpec(
+        name="asdiv",
+        file_stem="asdiv",
+        hub_id="EleutherAI/asdiv",
+        hub_split="validation",
+        fields=FieldMap(
+            ("body", "question"), "answer", "idx", without_annotations, ("solution_type", "formula")
+        ),
+        hub_fields=FieldMap(
+            ("body", "question"), "answer", None, without_annotations, ("solution_type", "formula")
+        ),
+    ),
+    BenchmarkSpec(
+        name="gsm_hard",
+        file_stem="gsm_hard",
+        hub_id="reasoning-machines/gsm-hard",
+        hub_split="train",
+        # No id field: the row number, the GSM8K test index the problem was made from.
+        fields=FieldMap(("input",), "target", None, canonical_number, ("code",)),
+    ),
 ):
     register_benchmark(_spec)
 
@@ -358,15 +518,24 @@ _ALIASES = {
     "math": "math500",
     "aime": "aime24",
     "aime2024": "aime24",
+    "aime2025": "aime25",
     "amc": "amc23",
     "amc2023": "amc23",
+    "minerva": "minerva_math",
+    "olympiad": "olympiadbench",
+    "collegemath": "college_math",
+    "gsmhard": "gsm_hard",
 }
 
 
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
 def benchmark_spec(name: str) -> BenchmarkSpec:
-    """The spec for a benchmark name; accepts ``MATH-500``, ``math_500``, ``AIME2024``..."""
-    key = re.sub(r"[\s_\-]", "", name.lower())
-    return BENCHMARKS.get(_ALIASES.get(key, key))
+    """The spec for a benchmark name; accepts ``MATH-500``, ``math_500``, ``GSM-Hard``..."""
+    key = _ALIASES.get(_key(name), _key(name))
+    return BENCHMARKS.get(next((n for n in BENCHMARKS if _key(n) == _key(key)), key))
 
 
 def _hub_allowed() -> bool:
@@ -389,8 +558,18 @@ def _load_from_hub(spec: BenchmarkSpec) -> list[Problem]:
         logger.warning(
             "%s on the hub has fields %s; auto-detecting", spec.hub_id, sorted(records[0])
         )
-        fields = detect_fields(records[0])
+        fields = detect_fields(records[0], records=records)
     return _problems_from_records(records, fields, spec.name)
+
+
+def benchmark_paths(spec: BenchmarkSpec, directory: str | Path) -> list[Path]:
+    """Where a benchmark's file may be, in order: ``<name>.jsonl``, ``<name>/test.jsonl`` (the
+    Qwen2.5-Math evaluation suite's layout), then the same as parquet."""
+    return [
+        Path(directory) / f"{stem}{suffix}"
+        for suffix in (".jsonl", ".parquet")
+        for stem in (spec.file_stem, f"{spec.file_stem}/test")
+    ]
 
 
 def load_benchmark(
@@ -399,9 +578,9 @@ def load_benchmark(
     """The problems of a named benchmark.
 
     Args:
-        name: ``math500``, ``aime24``, ``amc23``, ``gsm8k`` or ``svamp`` (spelling variants ok).
-        data_dir: directory holding ``<name>.jsonl`` or ``<name>.parquet``; defaults to
-            ``$TIR_DATA_DIR``.
+        name: a registered benchmark (``BENCHMARKS.names()``; spelling variants ok).
+        data_dir: directory holding ``<name>.jsonl``, ``<name>/test.jsonl`` or the same as
+            parquet; defaults to ``$TIR_DATA_DIR``.
         from_hub: ``True`` loads from the Hugging Face hub only, ``False`` never touches it,
             ``None`` (default) uses a local file when there is one and the hub otherwise (unless
             ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set).
@@ -412,8 +591,7 @@ def load_benchmark(
     directory = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
     tried: list[str] = []
     if directory:
-        for suffix in (".jsonl", ".parquet"):
-            path = Path(directory) / f"{spec.file_stem}{suffix}"
+        for path in benchmark_paths(spec, directory):
             if path.is_file():
                 return _problems_from_records(read_records(path), spec.fields, spec.name)
             tried.append(str(path))
@@ -434,8 +612,9 @@ def load_benchmark(
     elif from_hub is None:
         hub_note = "hub disabled (HF offline mode)"
     raise FileNotFoundError(
-        f"benchmark {spec.name!r} not found: {where}. Put {spec.file_stem}.jsonl or "
-        f"{spec.file_stem}.parquet in a directory and set {DATA_DIR_ENV} (or pass data_dir=); "
+        f"benchmark {spec.name!r} not found: {where}. Put {spec.file_stem}.jsonl (or "
+        f"{spec.file_stem}/test.jsonl, or parquet) in a directory and set {DATA_DIR_ENV} "
+        "(or pass data_dir=); "
         f"{hub_note}."
     )
 

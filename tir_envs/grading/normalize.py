@@ -41,6 +41,8 @@ _MATH_WORDS = frozenset(
     + ("oo", "nan", "i", "e", "arcsin", "arccos", "arctan")
 )
 _PERCENT = re.compile(r"(?<!\\)%")
+# ``4.5 \times 10^{33}`` is Minerva's ``4.5e33``: one spelling, so the exact layer compares them.
+_SCIENTIFIC = re.compile(r"^([+-]?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot)\s*10\^\{?([+-]?\d{1,2})\}?$")
 # Symbols models print outside LaTeX; the trailing space keeps ``πr`` from becoming ``\pir``.
 _UNICODE_MATH = {
     "\u2212": "-",
@@ -70,6 +72,7 @@ def normalize_answer(text: str) -> str:
     s = _DEGREES.sub("", s)
     s = _PERCENT.sub(r"\\%", s)
     s = _TRAILING_TEXT_UNIT.sub("", s.strip())
+    s = _SCIENTIFIC.sub(r"\1e\2", s)
     words = _TRAILING_UNIT_WORDS.match(s)
     if words and words.group(2).split()[0].lower() not in _MATH_WORDS:
         s = words.group(1)
@@ -131,7 +134,7 @@ def _text_answer(s: str, *, strict: bool) -> str | None:
     choice = re.fullmatch(r"\(([A-Za-z])\)|([A-Za-z])\)?", inner)
     if choice and (wrapped or inner.startswith("(") or not strict):
         return (choice.group(1) or choice.group(2)).lower()
-    if not re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", inner):
+    if not re.fullmatch(r"[A-Za-z][A-Za-z .'\-]*", inner):  # ``Mrs. Hilt``
         return None
     words = inner.lower()
     if strict and not wrapped and (len(words) < 3 or words in _MATH_WORDS):
