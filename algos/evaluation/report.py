@@ -154,8 +154,39 @@ def plot_png(results: dict) -> bytes:
     return buffer.getvalue()
 
 
+# Sorts a table by the clicked header: on the cells' leading number when every cell of the column
+# has one (``12.5 ± 3.1 / 20.0`` sorts on 12.5), else on the text. A first click puts the highest
+# number (or A) on top, the next reverses; ``aria-sort`` tells screen readers the current order.
+_SORT_SCRIPT = r"""
+const lead = text => {
+  const m = /^\s*(-?\d+(?:\.\d+)?)/.exec(text);
+  return m ? parseFloat(m[1]) : NaN;
+};
+for (const table of document.querySelectorAll("table")) {
+  const heads = Array.from(table.tHead.rows[0].cells);
+  heads.forEach((th, col) => th.querySelector("button").addEventListener("click", () => {
+    const body = table.tBodies[0], rows = Array.from(body.rows);
+    const text = row => row.cells[col].textContent;
+    const numeric = rows.every(row => !isNaN(lead(text(row))));
+    const now = th.getAttribute("aria-sort");
+    const order = now ? (now === "ascending" ? "descending" : "ascending")
+                      : (numeric ? "descending" : "ascending");
+    const sign = order === "ascending" ? 1 : -1;
+    rows.sort((a, b) => sign * (numeric ? lead(text(a)) - lead(text(b))
+                                        : text(a).localeCompare(text(b))));
+    heads.forEach(h => h.removeAttribute("aria-sort"));
+    th.setAttribute("aria-sort", order);
+    body.append(...rows);
+  }));
+}
+"""
+
+
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    """Headers are buttons, so sorting works from the keyboard too."""
+    head = "".join(
+        f'<th scope="col"><button type="button">{html.escape(h)}</button></th>' for h in header
+    )
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
     )
@@ -163,7 +194,8 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def to_html(results: dict, png: bytes) -> str:
-    """One static page, no external resources: tables plus the plot inlined as base64."""
+    """One static page, no external resources: tables sortable by an inline script, the plot
+    inlined as base64."""
     title = html.escape(results["title"])
     notes = "".join(f"<p>{html.escape(line)}</p>" for line in _protocol_lines(results))
     image = base64.b64encode(png).decode()
@@ -176,6 +208,10 @@ th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 p {{ color: #444; font-size: 0.9em; }}
 img {{ max-width: 100%; }}
+th button {{ font: inherit; color: inherit; background: none; border: 0; padding: 0;
+  cursor: pointer; text-align: inherit; }}
+th[aria-sort=ascending] button::after {{ content: " \\25B2"; }}
+th[aria-sort=descending] button::after {{ content: " \\25BC"; }}
 </style></head><body>
 <h1>{title}</h1>
 {notes}
@@ -184,5 +220,6 @@ img {{ max-width: 100%; }}
 <h2>Per benchmark</h2>
 {_html_table(*_detail_rows(results))}
 <p>{html.escape(_GLOSSARY)}</p>
+<script>{_SORT_SCRIPT}</script>
 </body></html>
 """
