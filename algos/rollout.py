@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from algos.generation.base import Generator, SamplingParams
+from algos.generation.base import GenerationError, Generator, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class Trajectory:
     problem_id: str
     turns: list[Turn] = field(default_factory=list)
     done_reason: str = "running"
-    """``terminated`` (final answer), ``truncated`` (max turns) or ``context`` (token budget hit)."""
+    """``terminated`` (final answer), ``truncated`` (max turns), ``context`` (token budget hit) or
+    ``infra_error`` (the generation backend failed)."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -116,8 +117,8 @@ class Trajectory:
 
     @property
     def infra_error(self) -> bool:
-        """The sandbox itself failed at some turn: not the model's fault, so not scored."""
-        return any(t.info.get("exec", {}).get("status") == "infra_error" for t in self.turns)
+        """The sandbox or the generation backend failed: not the model's fault, so not scored."""
+        return self.done_reason == "infra_error" or any(t.info.get("exec", {}).get("status") == "infra_error" for t in self.turns)
 
     @property
     def has_void_turn(self) -> bool:
@@ -237,7 +238,16 @@ def collect(
     bar = tqdm(total=needed, desc="rollout", unit="episode", leave=False, disable=not progress)
     while any(active):
         running = [i for i in range(needed) if active[i]]
-        completions = generator.generate([contexts[i] for i in running], sampling)
+        try:
+            completions = generator.generate([contexts[i] for i in running], sampling)
+        except GenerationError as exc:
+            logger.warning("generation failed for %d episodes, excluded as infra errors: %s",
+                           len(running), exc)
+            for i in running:
+                trajectories[i].done_reason = "infra_error"
+                active[i] = False
+            bar.update(len(running))
+            continue
         actions = [""] * num_envs
         for i, completion in zip(running, completions):
             actions[i] = completion.text

@@ -18,6 +18,7 @@ import algos
 import tir_envs  # noqa: F401  (registers the env ids)
 from algos.agent import token_logprobs
 from algos.config import GRPOConfig, GTPOConfig, PPOConfig
+from algos.generation.base import GenerationError
 from algos.generation.hf import HFGenerator
 from algos.losses import policy_loss
 from algos.rollout import RolloutConfig, collect, make_vec_env
@@ -106,6 +107,50 @@ def test_rollout_ids_match_full_tokenization(tokenizer):
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         # Same text; ids may differ only where sampling chose a non-canonical split.
         assert tokenizer.decode(full) == text
+
+
+class FailsOnSecondCall(HFGenerator):
+    """The real local backend, except that its second call fails as a dead server would."""
+
+    calls = 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        if self.calls == 2:
+            raise GenerationError("connection refused")
+        return super().generate(prompts, params)
+
+
+def test_a_failed_backend_call_excludes_its_episodes_as_infra_errors(tokenizer, tmp_path):
+    """Episodes still running when the backend fails end as infra errors, which the iteration
+    leaves out of its statistics and loss instead of crashing or scoring them.
+
+    The model is taught to open with a code block, so episodes reach a second turn, and the
+    backend fails there; the first-turn trajectories that answered stay scored."""
+    problems = ["proc/modpow/1", "proc/nth_prime/2"]
+    model = tiny_model(seed=4, tokenizer=tokenizer)
+    vec_env, sandbox = make_vec_env("TIR-Math-v0", 1, tokenizer, ROLLOUT)
+    try:
+        prompts = [tokenizer(vec_env.reset(options={"problem_id": p})[0][0],
+                             add_special_tokens=False)["input_ids"] for p in problems]
+    finally:
+        vec_env.close()
+        sandbox.close()
+    code = tokenizer("```python\nprint(2)\n```\n", add_special_tokens=False)["input_ids"]
+    teach(model, [(p, code) for p in prompts], max_steps=60)
+    config = GTPOConfig(**{**SMALL, "seed": 0})
+    with algos.make("gtpo", model, "TIR-Math-v0", config, tokenizer=tokenizer, rollout=ROLLOUT,
+                    run_dir=tmp_path, env_kwargs={"reward_fn": length_reward}) as agent:
+        agent.generator = FailsOnSecondCall(agent.policy, tokenizer)
+        trajectories = collect(agent.vec_env(), agent.generator, tokenizer, problems, 2,
+                               generator_params(ROLLOUT, seed=0), ROLLOUT.max_total_tokens)
+        failed = [t for t in trajectories if t.infra_error]
+        assert failed, [t.turns[0].info.get("tool_called") for t in trajectories]
+        assert all(t.done_reason == "infra_error" and len(t.turns) == 1 for t in failed)
+        agent.generator = FailsOnSecondCall(agent.policy, tokenizer)
+        metrics = agent.train_iteration()
+    assert 0 < metrics["infra_error_rate"] <= 1
+    assert agent.iteration == 1
 
 
 def generator_params(rollout, seed):

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from algos.generation.base import Completion, FinishReason, Generator, SamplingParams
+from algos.generation.base import (
+    Completion,
+    FinishReason,
+    GenerationError,
+    Generator,
+    SamplingParams,
+)
 from tir_envs.registry import Registry
 
 GENERATORS: Registry[Callable[..., Generator]] = Registry("generation backend")
@@ -55,6 +61,7 @@ __all__ = [
     "GENERATORS",
     "Completion",
     "FinishReason",
+    "GenerationError",
     "Generator",
     "SamplingParams",
     "make_generator",

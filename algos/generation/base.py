@@ -70,12 +70,18 @@ class Completion:
             raise ValueError("token_ids and logprobs must have the same length")
 
 
+class GenerationError(RuntimeError):
+    """The backend itself failed (a server died or stopped answering), not the model: the
+    episodes it was generating for end as infra errors, excluded from scores and from the loss."""
+
+
 class Generator(abc.ABC):
     """A generation backend. ``generate`` batches all prompts in one call; results keep order."""
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Continue each prompt (a list of token ids) once."""
+        """Continue each prompt (a list of token ids) once; raise ``GenerationError`` when the
+        backend, not the request, failed."""
 
     def update_weights(self, model) -> None:
         """Make the backend sample from ``model``'s current weights (called after each update).
