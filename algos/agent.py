@@ -588,6 +588,7 @@ class Agent:
             return False
         state = load_trainer_state(path)
         self.load_weights(path / "model")
+        self.generator.update_weights(self.policy)  # a server holds its own copy
         if state["algo"] != self.name:
             raise ValueError(f"checkpoint {path} was written by {state['algo']}, not {self.name}")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -7,11 +7,13 @@ table the rollout's) and repeatable ``--set key=value`` overrides (``--set lr=1e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import resource
+import shlex
 import time
 import tomllib
 from pathlib import Path
@@ -241,6 +243,17 @@ def train(
         min=0, help="train only the top N transformer blocks (0 = all; default: the main job's)",
     )] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
+    backend: Annotated[str, typer.Option(
+        help="rollouts from hf (in process) or vllm-server (a vLLM server, reloaded after "
+             "each update)")] = "hf",
+    vllm_python: Annotated[Optional[Path], typer.Option(
+        help="vllm-server: the python that starts vLLM (default: the venv "
+             "scripts/vllm_venv.sh builds)")] = None,
+    vllm_args: Annotated[Optional[str], typer.Option(
+        help="vllm-server: more flags for the server it starts, e.g. '--enforce-eager'")] = None,
+    server_url: Annotated[Optional[str], typer.Option(
+        help="vllm-server: a vLLM server you run (VLLM_SERVER_DEV_MODE=1, --logprobs-mode "
+             "processed_logprobs) that can read --run-dir, e.g. http://host:8000/v1")] = None,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
     progress: bool = True,
@@ -256,6 +269,8 @@ def train(
     _setup(verbose, threads)
     import algos
     from algos.evaluation import heldout_problems, problem_source
+    from algos.generation.base import GenerationError
+    from algos.generation.server import ServerStartError
     from algos.models import load_policy, train_top_layers
 
     job = MAIN_JOB_RUN if main_job_defaults else LIBRARY_RUN
@@ -270,6 +285,7 @@ def train(
     elif warmup and env != "TIR-Math-v0":
         raise typer.BadParameter("the warm-up's traces are procedural TIR-Math-v0 problems: "
                                  f"--warmup needs --env TIR-Math-v0, got {env!r}")
+    check_backend(backend, vllm_python, vllm_args, server_url)
     sets, warm_sets = split_warmup_sets(set_)
     if warm_sets and not warmup:
         raise typer.BadParameter("warmup.* settings need --warmup")
@@ -304,14 +320,19 @@ def train(
                      if train_layers and blocks > train_layers else None)
         agent = algos.make(algo, policy, env, algo_config, tokenizer=tokenizer, rollout=rollout,
                            run_dir=run_dir, env_kwargs=env_kwargs)
-    except (ValueError, TypeError, OSError) as exc:
+        # last: a server started here is stopped only by the `with` below
+        generator = rollout_generator(backend, policy, tokenizer, run_dir, vllm_python,
+                                      vllm_args, server_url)
+    except (ValueError, TypeError, OSError, GenerationError, ServerStartError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    if generator is not None:
+        agent.generator = generator
     run_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
                               "config": algo_config.to_dict(),
                               "rollout": dataclasses.asdict(rollout),
                               "trainable_parameters": trainable}
-    with agent:
+    with agent, generator or contextlib.nullcontext():
         if heldout is None and eval_problems:
             heldout = heldout_problems(problem_source(agent.vec_env()), eval_problems)
         report["eval"] = {"split": eval_split, "problems": heldout, "samples": eval_samples,
@@ -369,6 +390,52 @@ def train(
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print_summary(report, eval_samples)
     typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
+
+
+def check_backend(backend: str, vllm_python: Optional[Path], vllm_args: Optional[str],
+                  server_url: Optional[str]) -> None:
+    """Refuse a rollout backend that cannot work before anything is loaded or trained."""
+    if backend not in ("hf", "vllm-server"):
+        raise typer.BadParameter(f"--backend must be hf or vllm-server, got {backend!r}")
+    server_flags = {"--vllm-python": vllm_python, "--vllm-args": vllm_args,
+                    "--server-url": server_url}
+    given = [flag for flag, value in server_flags.items() if value is not None]
+    if backend == "hf" and given:
+        raise typer.BadParameter(f"{', '.join(given)} need --backend vllm-server")
+    if server_url is not None:
+        if vllm_python is not None or vllm_args is not None:
+            raise typer.BadParameter("--server-url uses a server you run; --vllm-python and "
+                                     "--vllm-args configure one tir starts: pass one or the other")
+        if not server_url.startswith(("http://", "https://")):
+            raise typer.BadParameter(f"--server-url must be an http(s) URL, got {server_url!r}")
+    elif backend == "vllm-server":
+        from algos.generation.server import check_python, default_python
+
+        try:
+            check_python(vllm_python or default_python())
+            shlex.split(vllm_args or "")
+        except (FileNotFoundError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+
+def rollout_generator(backend: str, policy, tokenizer, run_dir: Path,
+                      vllm_python: Optional[Path], vllm_args: Optional[str],
+                      server_url: Optional[str]):
+    """The rollout backend ``check_backend`` accepted; ``None`` for the agent's default (hf).
+    Both server kinds load the policy from ``run_dir/server-weights``."""
+    if backend == "hf":
+        return None
+    from algos.generation import make_generator
+
+    weights_dir = run_dir / "server-weights"
+    if server_url is None:
+        return make_generator("vllm-server", model=policy, tokenizer=tokenizer,
+                              weights_dir=weights_dir, python=vllm_python,
+                              args=tuple(shlex.split(vllm_args or "")))
+    generator = make_generator("openai", base_url=server_url, tokenizer=tokenizer,
+                               weights_dir=weights_dir)
+    generator.update_weights(policy)  # the server may have started from other weights
+    return generator
 
 
 def evaluation_report(evals: dict[str, dict]) -> dict[str, Any]:

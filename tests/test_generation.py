@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from algos.generation import Completion, SamplingParams, make_generator
+from algos.generation import Completion, GenerationError, SamplingParams, make_generator
 from algos.tiny import teach, tiny_model, tiny_tokenizer
 
 TURN = "I will compute it.\n```python\nprint(2 + 3)\n```\nDone."
@@ -161,29 +162,33 @@ def test_vllm_backend_says_how_to_install_it():
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
-    """A loopback completions server answering like vLLM with return_tokens_as_token_ids."""
+    """A loopback completions server answering like vLLM with return_tokens_as_token_ids; a
+    prompt ending in 0 gets HTTP 503, one ending in 1 a closed connection."""
 
     requests: list[dict] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
-        choices = []
-        for i, prompt in enumerate(body["prompt"]):
-            ids = [prompt[-1] + 1, prompt[-1] + 2]
-            choices.append(
-                {
-                    "index": i,
-                    "text": f"t{i}```\n" if i == 0 else f"t{i}",
-                    "finish_reason": "stop" if i < 2 else "length",
-                    "stop_reason": "```\n" if i == 0 else None,
-                    "logprobs": {
-                        "tokens": [f"token_id:{t}" for t in ids],
-                        "token_logprobs": [-0.5, -0.25],
-                    },
-                }
-            )
-        payload = json.dumps({"choices": choices[::-1]}).encode()  # order must be restored
+        last = body["prompt"][-1]
+        if last == 1:
+            self.close_connection = True
+            return
+        if last == 0:
+            self.send_error(503, "engine dead")
+            return
+        kind = {5: "stop", 11: "eos"}.get(last, "length")
+        choice = {
+            "index": 0,
+            "text": f"t{last}```\n" if kind == "stop" else f"t{last}",
+            "finish_reason": "length" if kind == "length" else "stop",
+            "stop_reason": "```\n" if kind == "stop" else None,
+            "logprobs": {
+                "tokens": [f"token_id:{last + 1}", f"token_id:{last + 2}"],
+                "token_logprobs": [-0.5, -0.25],
+            },
+        }
+        payload = json.dumps({"choices": [choice]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -194,22 +199,50 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
         pass
 
 
-def test_openai_backend_against_a_loopback_server():
+@pytest.fixture
+def fake_openai():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        gen = make_generator(
-            "openai", base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m", timeout=10
-        )
-        params = SamplingParams(max_new_tokens=2, temperature=0.5, stop=("```\n",), seed=1)
-        out = gen.generate([[5], [10, 11], [20]], params)
-    finally:
-        server.shutdown()
-        server.server_close()
+    _FakeOpenAI.requests.clear()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_backend_against_a_loopback_server(fake_openai):
+    """One request per prompt, each with its own seed (seed + index), answers kept in order."""
+    gen = make_generator("openai", base_url=fake_openai, model="m", timeout=10)
+    params = SamplingParams(max_new_tokens=2, temperature=0.5, stop=("```\n",), seed=1)
+    out = gen.generate([[5], [10, 11], [20]], params)
     assert [c.token_ids for c in out] == [[6, 7], [12, 13], [21, 22]]
     assert [c.finish_reason for c in out] == ["stop", "eos", "length"]
-    assert out[0].logprobs == [-0.5, -0.25] and out[1].text == "t1"
-    sent = _FakeOpenAI.requests[-1]
-    assert sent["prompt"] == [[5], [10, 11], [20]] and sent["stop"] == ["```\n"]
-    assert sent["max_tokens"] == 2 and sent["seed"] == 1 and not math.isnan(out[2].logprobs[0])
+    assert out[0].logprobs == [-0.5, -0.25] and out[1].text == "t11"
+    sent = sorted(_FakeOpenAI.requests, key=lambda body: body["seed"])
+    assert [(b["prompt"], b["seed"]) for b in sent] == [([5], 1), ([10, 11], 2), ([20], 3)]
+    assert all(b["stop"] == ["```\n"] and b["max_tokens"] == 2 for b in sent)
+    assert not math.isnan(out[2].logprobs[0])
+
+
+@pytest.mark.parametrize("prompt, message", [([3, 0], "HTTP 503"), ([3, 1], "failed")])
+def test_openai_backend_reports_a_failing_server_as_a_generation_error(
+    fake_openai, prompt, message
+):
+    """A 5xx answer or a dropped connection is the server's failure (episodes become infra
+    errors); a refused connection too."""
+    gen = make_generator("openai", base_url=fake_openai, model="m", timeout=10)
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(GenerationError, match=message):
+        gen.generate([[5], prompt], params)
+    with socket.socket() as sock:  # a port nothing listens on: bound, never listening
+        sock.bind(("127.0.0.1", 0))
+        closed = make_generator("openai", base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
+                                model="m", timeout=10)
+        with pytest.raises(GenerationError, match="refused"):
+            closed.generate([[5]], params)
+
+
+def test_openai_backend_needs_a_weights_dir_to_follow_training(fake_openai, model):
+    gen = make_generator("openai", base_url=fake_openai, model="m")
+    with pytest.raises(RuntimeError, match="weights_dir"):
+        gen.update_weights(model)

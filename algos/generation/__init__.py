@@ -1,5 +1,7 @@
 """Text generation backends behind one interface (see ``base``): ``hf`` (default), ``vllm``
-(optional extra, GPU machines) and ``openai`` (an OpenAI-compatible server, for evaluation).
+(optional extra, GPU machines), ``openai`` (an OpenAI-compatible server; training needs vLLM's
+weight reload) and ``vllm-server`` (a vLLM server started from its own venv and reloaded after
+each update).
 
     gen = make_generator("hf", model=model, tokenizer=tokenizer)
     [c] = gen.generate([prompt_ids], SamplingParams(max_new_tokens=256, stop=("```\\n",)))
@@ -46,13 +48,20 @@ def _openai(**kwargs) -> Generator:
     return OpenAIGenerator(**kwargs)
 
 
+@GENERATORS.register("vllm-server")
+def _vllm_server(**kwargs) -> Generator:
+    from algos.generation.server import VLLMServerGenerator
+
+    return VLLMServerGenerator(**kwargs)
+
+
 BACKENDS = GENERATORS.names()
 """The built-in backends."""
 
 
 def make_generator(backend: str = "hf", **kwargs) -> Generator:
     """Build a backend by name; ``kwargs`` go to its constructor (``HFGenerator``,
-    ``VLLMGenerator`` or ``OpenAIGenerator``)."""
+    ``VLLMGenerator``, ``OpenAIGenerator`` or ``VLLMServerGenerator``)."""
     return GENERATORS.get(backend)(**kwargs)
 
 
