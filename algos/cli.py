@@ -285,7 +285,7 @@ def train(
     elif warmup and env != "TIR-Math-v0":
         raise typer.BadParameter("the warm-up's traces are procedural TIR-Math-v0 problems: "
                                  f"--warmup needs --env TIR-Math-v0, got {env!r}")
-    check_backend(backend, vllm_python, vllm_args, server_url)
+    server = rollout_server(backend, vllm_python, vllm_args, server_url)
     sets, warm_sets = split_warmup_sets(set_)
     if warm_sets and not warmup:
         raise typer.BadParameter("warmup.* settings need --warmup")
@@ -321,8 +321,8 @@ def train(
         agent = algos.make(algo, policy, env, algo_config, tokenizer=tokenizer, rollout=rollout,
                            run_dir=run_dir, env_kwargs=env_kwargs)
         # last: a server started here is stopped only by the `with` below
-        generator = rollout_generator(backend, policy, tokenizer, run_dir, vllm_python,
-                                      vllm_args, server_url)
+        generator = (server.generator(policy, tokenizer, run_dir / "server-weights")
+                     if server else None)
     except (ValueError, TypeError, OSError, GenerationError, ServerStartError) as exc:
         raise typer.BadParameter(str(exc)) from None
     if generator is not None:
@@ -392,50 +392,28 @@ def train(
     typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
 
 
-def check_backend(backend: str, vllm_python: Optional[Path], vllm_args: Optional[str],
-                  server_url: Optional[str]) -> None:
-    """Refuse a rollout backend that cannot work before anything is loaded or trained."""
+def rollout_server(backend: str, vllm_python: Optional[Path], vllm_args: Optional[str],
+                   server_url: Optional[str]):
+    """``--backend`` and its server flags as an ``algos.generation.server.RolloutServer``
+    (``None``: the agent's in-process hf backend), refused before any work when they cannot work."""
     if backend not in ("hf", "vllm-server"):
         raise typer.BadParameter(f"--backend must be hf or vllm-server, got {backend!r}")
     server_flags = {"--vllm-python": vllm_python, "--vllm-args": vllm_args,
                     "--server-url": server_url}
     given = [flag for flag, value in server_flags.items() if value is not None]
-    if backend == "hf" and given:
-        raise typer.BadParameter(f"{', '.join(given)} need --backend vllm-server")
-    if server_url is not None:
-        if vllm_python is not None or vllm_args is not None:
-            raise typer.BadParameter("--server-url uses a server you run; --vllm-python and "
-                                     "--vllm-args configure one tir starts: pass one or the other")
-        if not server_url.startswith(("http://", "https://")):
-            raise typer.BadParameter(f"--server-url must be an http(s) URL, got {server_url!r}")
-    elif backend == "vllm-server":
-        from algos.generation.server import check_python, default_python
-
-        try:
-            check_python(vllm_python or default_python())
-            shlex.split(vllm_args or "")
-        except (FileNotFoundError, ValueError) as exc:
-            raise typer.BadParameter(str(exc)) from None
-
-
-def rollout_generator(backend: str, policy, tokenizer, run_dir: Path,
-                      vllm_python: Optional[Path], vllm_args: Optional[str],
-                      server_url: Optional[str]):
-    """The rollout backend ``check_backend`` accepted; ``None`` for the agent's default (hf).
-    Both server kinds load the policy from ``run_dir/server-weights``."""
     if backend == "hf":
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} need --backend vllm-server")
         return None
-    from algos.generation import make_generator
+    if server_url is not None and len(given) > 1:
+        raise typer.BadParameter("--server-url uses a server you run; --vllm-python and "
+                                 "--vllm-args configure one tir starts: pass one or the other")
+    from algos.generation.server import RolloutServer
 
-    weights_dir = run_dir / "server-weights"
-    if server_url is None:
-        return make_generator("vllm-server", model=policy, tokenizer=tokenizer,
-                              weights_dir=weights_dir, python=vllm_python,
-                              args=tuple(shlex.split(vllm_args or "")))
-    generator = make_generator("openai", base_url=server_url, tokenizer=tokenizer,
-                               weights_dir=weights_dir)
-    generator.update_weights(policy)  # the server may have started from other weights
-    return generator
+    try:
+        return RolloutServer(vllm_python, tuple(shlex.split(vllm_args or "")), server_url)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def evaluation_report(evals: dict[str, dict]) -> dict[str, Any]:

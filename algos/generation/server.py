@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from algos.generation.base import Completion, GenerationError, SamplingParams
@@ -215,6 +216,35 @@ class VLLMServerGenerator(OpenAIGenerator):
 
     def close(self) -> None:
         self.server.stop()
+
+
+@dataclass(frozen=True)
+class RolloutServer:
+    """Where training rollouts come from: a vLLM server started from ``python`` (default: the
+    cached venv's) with further ``args``, or the server at ``url`` that the user runs, which
+    must read ``weights_dir`` (``update_weights``). Checked when built, before any work."""
+
+    python: Path | None = None
+    args: tuple[str, ...] = ()
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is None:
+            check_python(self.python or default_python())
+        elif self.python is not None or self.args:
+            raise ValueError("a server at a URL is one you run; python and args configure one "
+                             "that is started here: pass one or the other")
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"the server URL must be http(s), got {self.url!r}")
+
+    def generator(self, policy, tokenizer, weights_dir: str | os.PathLike) -> OpenAIGenerator:
+        """A backend that samples from ``policy`` now and follows its ``update_weights``."""
+        if self.url is None:
+            return VLLMServerGenerator(policy, tokenizer, weights_dir, python=self.python,
+                                       args=self.args)
+        generator = OpenAIGenerator(self.url, tokenizer=tokenizer, weights_dir=weights_dir)
+        generator.update_weights(policy)  # the server may have started from other weights
+        return generator
 
 
 def free_port() -> int:
