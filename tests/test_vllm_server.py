@@ -2,8 +2,8 @@
 
 vLLM pins its own torch and transformers, so it lives in the venv ``scripts/vllm_venv.sh``
 builds once per machine outside the clone (``make test`` builds it; 10-20 min the first time).
-Without it these tests skip locally and fail under ``CI=true``. One server, started once for
-the module on a tiny Llama, serves every test in order:
+Without it these tests skip locally; under ``CI=true`` the fixture builds it, and fails if it
+cannot. One server, started once for the module on a tiny Llama, serves every test in order:
 
 - the ids it samples are exactly the ones HF's greedy decoding picks, it stops at the closing
   code fence, and its sampling logprobs equal the trainer's recomputation (``token_logprobs``);
