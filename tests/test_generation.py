@@ -170,6 +170,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
+        if not self.path.endswith("/completions"):  # no weight-reload routes (no dev mode)
+            self.send_error(404, "Not Found")
+            return
         last = body["prompt"][-1]
         if last == 1:
             self.close_connection = True
@@ -242,7 +245,19 @@ def test_openai_backend_reports_a_failing_server_as_a_generation_error(
             closed.generate([[5]], params)
 
 
-def test_openai_backend_needs_a_weights_dir_to_follow_training(fake_openai, model):
+def test_openai_backend_needs_a_weights_dir_to_follow_training(fake_openai, model, tmp_path):
+    """Without a weights dir it refuses; with one it saves the policy (its tied head as a
+    tensor of its own, which vLLM reloads) and says what a server without reload routes lacks."""
+    from safetensors import safe_open
+
     gen = make_generator("openai", base_url=fake_openai, model="m")
     with pytest.raises(RuntimeError, match="weights_dir"):
         gen.update_weights(model)
+    gen = make_generator("openai", base_url=fake_openai, model="m", weights_dir=tmp_path / "w")
+    with pytest.raises(RuntimeError, match="VLLM_SERVER_DEV_MODE=1"):
+        gen.update_weights(model)
+    assert model.config.tie_word_embeddings
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(tmp_path / "w" / "model.safetensors", "pt") as saved:
+        assert torch.equal(saved.get_tensor("lm_head.weight"), model.lm_head.weight)
+        assert torch.equal(saved.get_tensor("model.embed_tokens.weight"), model.lm_head.weight)

@@ -80,7 +80,8 @@ class OpenAIGenerator(Generator):
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
         self.extra_body = dict(extra_body or {})
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        # absolute: the server resolves it, from its own working directory
+        self.weights_dir = Path(weights_dir).resolve() if weights_dir is not None else None
         self.model = model if model is not None else self._served_model()
 
     @property
@@ -129,10 +130,16 @@ class OpenAIGenerator(Generator):
 
     def reload_weights(self) -> None:
         """Have the server load the weights saved in ``weights_dir`` and drop its KV cache."""
-        self._post(self.server_root + "/collective_rpc",
-                   {"method": "reload_weights",
-                    "kwargs": {"weights_path": os.fspath(self.weights_dir)}})
-        self._post(self.server_root + "/reset_prefix_cache", None)
+        try:
+            self._post(self.server_root + "/collective_rpc",
+                       {"method": "reload_weights",
+                        "kwargs": {"weights_path": os.fspath(self.weights_dir)}})
+            self._post(self.server_root + "/reset_prefix_cache", None)
+        except GenerationError:
+            raise
+        except RuntimeError as exc:  # 4xx: the routes are missing or refused the path
+            raise RuntimeError(f"{exc}\nweight reloads need a vLLM server started with "
+                               f"VLLM_SERVER_DEV_MODE=1 that can read {self.weights_dir}") from exc
 
     def _served_model(self) -> str:
         names = [m["id"] for m in self._request(self.base_url + "/models", None)["data"]]
