@@ -39,16 +39,21 @@ class VLLMGenerator(Generator):
         check_prompts(prompts)
         if not prompts:
             return []
-        sampling = self._vllm.SamplingParams(
-            n=1,
-            max_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop=list(params.stop) or None,
-            include_stop_str_in_output=True,
-            seed=params.seed,
-            logprobs=0,  # the sampled token's logprob only
-        )
+        # One seed per prompt: vLLM seeds each request's own generator, so a shared seed would
+        # give every copy of a prompt in a GRPO group the same sample.
+        sampling = [
+            self._vllm.SamplingParams(
+                n=1,
+                max_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop=list(params.stop) or None,
+                include_stop_str_in_output=True,
+                seed=None if params.seed is None else params.seed + i,
+                logprobs=0,  # the sampled token's logprob only
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False
         )
