@@ -285,9 +285,10 @@ def train(
     env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
     heldout: Optional[list[str]] = None
     if warm_config is not None:
-        from algos.warmup import TrainProblems, heldout_ids
+        from algos.warmup import heldout_ids
+        from tir_envs.procedural import ProceduralProblems
 
-        env_kwargs.update(problems=TrainProblems(warm_config.kinds),
+        env_kwargs.update(problems=ProceduralProblems(warm_config.kinds),
                           system_prompt=warm_config.system_prompt)
         per_kind = -(-eval_problems // len(warm_config.kinds))
         heldout = heldout_ids(warm_config.kinds, per_kind, eval_split)[:eval_problems]
@@ -479,16 +480,25 @@ def leaderboard(
         help="comma list (default: gsm8k,svamp,math500,aime24,amc23, the shipped five)")] = None,
     limit: Annotated[Optional[str], typer.Option(
         help="first N problems of each benchmark, or gsm8k=200,math500=100 (default: all)")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="per problem; pass@k uses k=samples")] = 1,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    max_turns: Annotated[int, typer.Option(min=1)] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="per turn")] = 256,
+    protocol: Annotated[Optional[str], typer.Option(
+        help="a named protocol whose settings the options below override: "
+             "qwen25-math-tir (greedy pass@1, 4 calls x 2048 tokens) or tir-gym-cpu")] = None,
+    samples: Annotated[Optional[int], typer.Option(
+        min=1, help="per problem; pass@k uses k=samples [default: 1]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        min=0.0, help="0 = greedy [default: 0]")] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="[default: 1]")] = None,
+    max_turns: Annotated[Optional[int], typer.Option(min=1, help="[default: 4]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="per turn [default: 256]")] = None,
     max_total_tokens: Annotated[Optional[int], typer.Option(
         help="per episode (default: max(2048, 2 x max-new-tokens))")] = None,
     batch: Annotated[int, typer.Option(min=1, help="episodes rolled out together")] = 8,
-    seed: int = 0,
+    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
+    merge: Annotated[list[Path], typer.Option(
+        help="a leaderboard dir from another machine or run (same protocol) to merge in; "
+             "repeatable")] = [],  # noqa: B006
     out: Annotated[Path, typer.Option(help="results dir; rerun to resume")] = Path("leaderboard"),
     title: str = "TIR leaderboard",
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
@@ -512,18 +522,22 @@ def leaderboard(
         if endpoint:
             specs.append(ModelSpec.for_endpoint(endpoint, endpoint_model,
                                                 tokenizer=endpoint_tokenizer))
-        config = LeaderboardConfig(
-            benchmarks=tuple(benchmarks.split(",")) if benchmarks else DEFAULT_BENCHMARKS,
-            limit=parse_limit(limit), samples=samples,
-            temperature=temperature, top_p=top_p, max_turns=max_turns,
-            max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch=batch,
-            seed=seed, data_dir=str(data_dir) if data_dir else None,
-        )
-    except ValueError as exc:
+        chosen = {"samples": samples, "temperature": temperature, "top_p": top_p,
+                  "max_turns": max_turns, "max_new_tokens": max_new_tokens,
+                  "max_total_tokens": max_total_tokens, "seed": seed}
+        settings = {
+            "benchmarks": tuple(benchmarks.split(",")) if benchmarks else DEFAULT_BENCHMARKS,
+            "limit": parse_limit(limit), "batch": batch,
+            "data_dir": str(data_dir) if data_dir else None,
+            **{k: v for k, v in chosen.items() if v is not None},
+        }
+        config = (LeaderboardConfig.from_preset(protocol, **settings) if protocol
+                  else LeaderboardConfig(**settings))
+    except (KeyError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
         results = run_leaderboard(specs or [ModelSpec.parse(DEFAULT_MODEL)], config, out,
-                                  title=title)
+                                  title=title, merge=merge)
     except SetupError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo((out / "leaderboard.md").read_text())

@@ -50,8 +50,8 @@ from algos.warmup import heldout_ids  # noqa: E402
 from benchmarks.warmup import (  # noqa: E402
     KINDS,
     SYSTEM_PROMPT,
-    TrainProblems,
     WarmupConfig,
+    train_problems,
     warmup_checkpoint,
 )
 
@@ -247,7 +247,7 @@ def train_run(run: Run, checkpoint: str, out: str, budget: Budget, threads: int)
     algo = METHODS[run.method][0]
     config = budget.config(run.method, run.seed, run.lr)
     with algos.make(algo, checkpoint, "TIR-Math-v0", config, rollout=rollout,
-                    env_kwargs={"problems": TrainProblems(), "system_prompt": SYSTEM_PROMPT}) as agent:
+                    env_kwargs={"problems": train_problems(), "system_prompt": SYSTEM_PROMPT}) as agent:
         curve = [{"iteration": 0, **start_eval(agent, out_dir, run.seed, budget, run.split)}]
         train = []
         points = set(budget.eval_at)

@@ -31,9 +31,9 @@ def test_wrong_variants_change_every_solver():
 def test_heldout_is_disjoint_from_training():
     import numpy as np
 
-    from benchmarks.warmup import HELDOUT_SEEDS, TrainProblems
+    from benchmarks.warmup import HELDOUT_SEEDS, train_problems
 
-    source, rng = TrainProblems(), np.random.default_rng(0)
+    source, rng = train_problems(), np.random.default_rng(0)
     drawn = {source.sample(rng).id for _ in range(500)}
     assert all(int(pid.rsplit("/", 1)[1]) >= HELDOUT_SEEDS for pid in drawn)
     assert not drawn & set(heldout_ids(50))
