@@ -522,17 +522,6 @@ HOST_WRITE_SPOTS = [Path("/"), Path("/etc"), Path("/usr"), Path("/tmp"), Path("/
                     Path("/dev/shm"), PROJECT_ROOT, Path.home()]
 
 
-@pytest.fixture(scope="module")
-def host_listener():
-    """A TCP port open on the host's loopback: the code must not be able to reach it."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
-
-
 @pytest.mark.timeout(45)
 @pytest.mark.parametrize("case", HOSTILE, ids=[case.name for case in HOSTILE])
 def test_hostile_code_is_contained(sandbox, host_listener, case):
