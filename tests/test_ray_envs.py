@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from algos.rollout import RolloutConfig, Trajectory, Turn, make_vec_env, unbatch_info
 from algos.tiny import save_tiny, tiny_tokenizer
 from tests.conftest import require
-from tests.test_sandbox import _namespaces_expected
+from tests.test_sandbox import _docker_unavailable_reason, _namespaces_expected
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -187,6 +187,34 @@ def test_sandbox_isolation_holds_inside_actors(ray, tokenizer, host_listener):
         vec_env.close()
 
 
+@pytest.mark.docker
+def test_docker_sandbox_backend_by_name_inside_an_actor(ray, host_listener):
+    reason = _docker_unavailable_reason()
+    require(reason is None, f"docker sandbox unavailable: {reason}")
+    from tir_envs.integrations.ray import RayVectorEnv
+
+    vec_env = RayVectorEnv("TIR-Math-v0", 1, sandbox_backend="docker", max_turns=4,
+                           max_episode_steps=4,
+                           sandbox_kwargs={"pool_size": 1, "require_isolation": True})
+    try:
+        actor = vec_env.env_pool().actor(0)
+        kind = ray.get(actor.__ray_call__.remote(lambda host: type(host.sandbox).__name__))
+        assert kind == "DockerSandbox"
+        vec_env.reset(seed=0)
+        port = host_listener.getsockname()[1]
+        outputs = [vec_env.step((code(snippet),))[0][0] for snippet in (
+            "x = 2 ** 10\nprint(x)",
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "print('CONNECTED')",
+            "print(x + 1)",
+        )]
+        assert outputs[0] == "```output\n1024\n```\n"
+        assert "CONNECTED" not in outputs[1] and "Error" in outputs[1]
+        assert outputs[2] == "```output\n1025\n```\n"
+    finally:
+        vec_env.close()
+
+
 def test_killed_actor_ends_its_episode_as_an_infra_error_and_is_replaced(ray, ray_env):
     ray_env.reset(seed=3)
     ray_env.step((code("a = 1\nprint(a)"),) * 4)
@@ -199,6 +227,7 @@ def test_killed_actor_ends_its_episode_as_an_infra_error_and_is_replaced(ray, ra
         assert truncated[i] and not terminated[i] and rewards[i] == 0.0 and obs[i] == ""
         info = unbatch_info(infos, i)
         assert info["exec"]["status"] == "infra_error" and "died" in info["exec"]["stderr"]
+        assert info["turn"] == 2
         trajectory = Trajectory(prompt_ids=[1], group_id=0, problem_id=info["problem_id"],
                                 turns=[Turn([2], [0.0], [], rewards[i], info, "stop")],
                                 done_reason="truncated")

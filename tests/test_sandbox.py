@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import socket
 import textwrap
 import threading
 import time

@@ -88,6 +88,9 @@ class EnvHost:
 class RayEnvPool:
     """``num_envs`` TIR envs in Ray actors, reset and stepped one episode at a time.
 
+    Actors spread over the cluster's nodes (``scheduling_strategy="SPREAD"``) unless
+    ``actor_options`` say otherwise; they reserve no CPU unless given ``num_cpus``.
+
     ``step(index, action)`` returns a ``concurrent.futures.Future`` of that env's
     ``(obs, reward, terminated, truncated, info)``, so an asynchronous rollout advances each
     episode as soon as its action is ready. Env ``index`` lives in actor
@@ -113,14 +116,15 @@ class RayEnvPool:
         self.num_envs = num_envs
         self.envs_per_actor = envs_per_actor
         self._host_args = (env_id, dict(env_kwargs), sandbox_backend, dict(sandbox_kwargs or {}))
-        self._host = ray.remote(EnvHost).options(max_concurrency=envs_per_actor,
-                                                 **dict(actor_options or {}))
+        options = {"scheduling_strategy": "SPREAD", **dict(actor_options or {})}
+        self._host = ray.remote(EnvHost).options(max_concurrency=envs_per_actor, **options)
         self._lock = threading.Lock()
         self._actors = [self._start(a) for a in range(-(-num_envs // envs_per_actor))]
         self._dead = [False] * len(self._actors)
         self._lost: set[int] = set()
         """Envs whose actor died since their last reset: their episode is gone."""
         self._turns = [0] * num_envs
+        """Turns each env's episode has completed."""
         self._problem_ids: list[str | None] = [None] * num_envs
         try:
             self.spaces = ray.get([actor.spaces.remote() for actor in self._actors])[0]
@@ -216,7 +220,6 @@ class RayEnvPool:
         """Send env ``index`` one action: a future of ``(obs, reward, terminated, truncated,
         info)``."""
         with self._lock:
-            self._turns[index] += 1
             lost = index in self._lost
         if lost:
             future: concurrent.futures.Future = concurrent.futures.Future()
@@ -232,6 +235,8 @@ class RayEnvPool:
             elif exc is not None:
                 future.set_exception(exc)
             else:
+                with self._lock:
+                    self._turns[index] += 1
                 future.set_result(done.result())
 
         submitted.add_done_callback(settle)
@@ -241,7 +246,7 @@ class RayEnvPool:
         """The step of an episode whose actor died: truncated, scored as nothing."""
         logger.warning("env %d's episode ends as an infra error: %s", index, reason)
         info = {
-            "turn": self._turns[index],
+            "turn": self._turns[index] + 1,
             "problem_id": self._problem_ids[index],
             "tool_called": False,
             "code": "",
