@@ -252,7 +252,7 @@ def test_killed_actor_ends_its_episode_as_an_infra_error_and_is_replaced(ray, ra
     assert pool.step(2, code("print(3)")).result(timeout=60)[0] == "```output\n3\n```\n"
 
 
-def test_bad_arguments_are_refused(ray, tokenizer):
+def test_bad_arguments_are_refused(ray_env, tokenizer):
     from tir_envs.integrations.ray import RayVectorEnv
 
     with pytest.raises(ValueError, match="env_workers"):
@@ -261,6 +261,10 @@ def test_bad_arguments_are_refused(ray, tokenizer):
         RayVectorEnv("TIR-Math-v0", 2, envs_per_actor=0)
     with pytest.raises(ValueError, match="own sandbox"):
         RayVectorEnv("TIR-Math-v0", 2, sandbox=object())
+    with pytest.raises(ValueError, match="reset_mask"):
+        ray_env.reset(options={"reset_mask": np.zeros(4, dtype=bool)})
+    with pytest.raises(ValueError, match="3 actions for 4 envs"):
+        ray_env.step(("", "", ""))
 
 
 def test_one_training_iteration_through_ray_env_workers(ray, tmp_path):

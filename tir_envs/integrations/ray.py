@@ -41,7 +41,7 @@ import gymnasium
 import numpy as np
 import ray
 from gymnasium.vector import AutoresetMode
-from gymnasium.vector.utils import batch_space, iterate
+from gymnasium.vector.utils import batch_space
 from ray.exceptions import RayActorError
 
 from tir_envs.sandbox import ExecStatus
@@ -119,6 +119,9 @@ class RayEnvPool:
         options = {"scheduling_strategy": "SPREAD", **dict(actor_options or {})}
         self._host = ray.remote(EnvHost).options(max_concurrency=envs_per_actor, **options)
         self._lock = threading.Lock()
+        """Guards the bookkeeping below; Ray's callbacks take it, so no Ray call runs under it."""
+        self._replacing = threading.Lock()
+        """Held by callers (never callbacks) while a dead actor is replaced."""
         self._actors = [self._start(a) for a in range(-(-num_envs // envs_per_actor))]
         self._dead = [False] * len(self._actors)
         self._lost: set[int] = set()
@@ -138,20 +141,25 @@ class RayEnvPool:
         return self._host.remote(self._host_args[0], count, *self._host_args[1:])
 
     def _locate(self, index: int):
-        """The live actor hosting env ``index`` and the env's slot in it; a dead one is
-        replaced here, in the caller's thread (never in a Ray callback)."""
+        """The live actor hosting env ``index``, its index and the env's slot in it; a dead
+        actor is replaced here, in the caller's thread (never in a Ray callback)."""
         if not 0 <= index < self.num_envs:
             raise IndexError(f"env index {index} out of range for {self.num_envs} envs")
+        if not self._actors:
+            raise RuntimeError("the Ray env pool is closed")
         actor_index, slot = divmod(index, self.envs_per_actor)
-        with self._lock:
-            if self._dead[actor_index]:
-                logger.warning("replacing dead Ray env actor %d (envs %d-%d)", actor_index,
-                               actor_index * self.envs_per_actor,
-                               min(self.num_envs, (actor_index + 1) * self.envs_per_actor) - 1)
-                ray.kill(self._actors[actor_index], no_restart=True)
-                self._actors[actor_index] = self._start(actor_index)
-                self._dead[actor_index] = False
-            return self._actors[actor_index], actor_index, slot
+        with self._replacing:
+            with self._lock:
+                actor, dead = self._actors[actor_index], self._dead[actor_index]
+            if dead:
+                first = actor_index * self.envs_per_actor
+                logger.warning("replacing dead Ray env actor %d (envs %d-%d)", actor_index, first,
+                               min(self.num_envs, first + self.envs_per_actor) - 1)
+                ray.kill(actor, no_restart=True)
+                actor = self._start(actor_index)
+                with self._lock:
+                    self._actors[actor_index], self._dead[actor_index] = actor, False
+        return actor, actor_index, slot
 
     def _mark_dead(self, actor_index: int, actor) -> None:
         with self._lock:
@@ -223,7 +231,7 @@ class RayEnvPool:
             lost = index in self._lost
         if lost:
             future: concurrent.futures.Future = concurrent.futures.Future()
-            future.set_result(self._infra_error(index, "its Ray actor died and was replaced"))
+            future.set_result(self._infra_error(index, "its Ray actor died"))
             return future
         submitted = self._submit(index, "step", action)
         future = concurrent.futures.Future()
@@ -334,7 +342,7 @@ class RayVectorEnv(gymnasium.vector.VectorEnv):
 
     def step(self, actions: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray,
                                                     np.ndarray, dict[str, Any]]:
-        actions = list(iterate(self.action_space, actions))
+        actions = list(actions)
         if len(actions) != self.num_envs:
             raise ValueError(f"{len(actions)} actions for {self.num_envs} envs")
         resets = np.flatnonzero(self._autoreset).tolist()
