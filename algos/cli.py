@@ -241,6 +241,13 @@ def train(
         min=0, help="train only the top N transformer blocks (0 = all; default: the main job's)",
     )] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
+    env_workers: Annotated[str, typer.Option(
+        help="sync: envs in this process | ray: envs in Ray actors, each with its own sandbox "
+             "(pip install tir-gym[ray])")] = "sync",
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="with --env-workers ray: the cluster to join (e.g. auto); default: a local one")] = None,
+    envs_per_actor: Annotated[int, typer.Option(
+        min=1, help="with --env-workers ray: envs sharing one actor and its sandbox")] = 1,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
     progress: bool = True,
@@ -283,6 +290,14 @@ def train(
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
     env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
+    if env_workers not in ("sync", "ray"):
+        raise typer.BadParameter(f"--env-workers must be sync or ray, got {env_workers!r}")
+    if env_workers != "ray" and (ray_address or envs_per_actor != 1):
+        raise typer.BadParameter("--ray-address and --envs-per-actor need --env-workers ray")
+    if env_workers == "ray":
+        ray_init = {"address": ray_address} if ray_address else {}
+        env_kwargs.update(env_workers="ray",
+                          ray_options={"envs_per_actor": envs_per_actor, "ray_init": ray_init})
     heldout: Optional[list[str]] = None
     if warm_config is not None:
         from algos.warmup import heldout_ids
@@ -311,7 +326,7 @@ def train(
     report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
                               "config": algo_config.to_dict(),
                               "rollout": dataclasses.asdict(rollout),
-                              "trainable_parameters": trainable}
+                              "trainable_parameters": trainable, "env_workers": env_workers}
     with agent:
         if heldout is None and eval_problems:
             heldout = heldout_problems(problem_source(agent.vec_env()), eval_problems)
