@@ -50,6 +50,7 @@ from algos.evaluation.report import write_outputs
 from algos.evaluation.scoring import heldout_problems, sample_record, summarize
 from algos.generation.base import Generator, SamplingParams
 from algos.rollout import RolloutConfig, collect, make_vec_env
+from algos.warmup import SYSTEM_PROMPT as TRAINING_SYSTEM_PROMPT
 from tir_envs.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -191,10 +192,11 @@ PROTOCOLS.register("qwen25-math-tir", ProtocolPreset(
      "env_kwargs": {"system_prompt": QWEN_TIR_SYSTEM_PROMPT}},
 ))
 PROTOCOLS.register("tir-gym-cpu", ProtocolPreset(
-    "the committed CPU leaderboard: 2 samples at temperature 0.6, 3 turns of 192 new tokens, "
-    "2048 tokens an episode, the env's own system prompt",
+    "the committed CPU leaderboard: the one-line system prompt the project's models train with "
+    "(algos.warmup.SYSTEM_PROMPT), 2 samples at temperature 0.6, 3 turns of 192 new tokens, "
+    "2048 tokens an episode",
     {"samples": 2, "temperature": 0.6, "top_p": 1.0, "max_turns": 3, "max_new_tokens": 192,
-     "max_total_tokens": 2048, "seed": 0, "env_kwargs": {}},
+     "max_total_tokens": 2048, "seed": 0, "env_kwargs": {"system_prompt": TRAINING_SYSTEM_PROMPT}},
 ))
 
 
