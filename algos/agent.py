@@ -42,7 +42,7 @@ from algos.advantages import check_config, get_advantage
 from algos.batch import RolloutBatch, TokenBatch, rollout_batch
 from algos.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from algos.config import AlgoConfig
-from algos.distributed import Ranks
+from algos.distributed import Ranks, check_split
 from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
 from algos.generation import make_generator
 from algos.generation.base import Generator, SamplingParams
@@ -255,18 +255,10 @@ class Agent:
 
     def _check_ranks(self, generator: Generator | None) -> None:
         """Fail before any work when the batch cannot be split into whole groups per rank."""
-        cfg, world = self.config, self.ranks.world
-        if world == 1:
+        cfg = self.config
+        check_split(cfg, self.ranks.world)
+        if self.ranks.world == 1:
             return
-        if cfg.prompts_per_iteration % world:
-            raise ValueError(
-                f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be a multiple of the "
-                f"{world} processes: each rolls out and trains whole prompt groups")
-        if cfg.minibatch_size % (cfg.grad_accum_steps * world):
-            raise ValueError(
-                f"minibatch_size ({cfg.minibatch_size}) must be a multiple of grad_accum_steps x "
-                f"processes ({cfg.grad_accum_steps} x {world}): each rank's share of a "
-                "minibatch is split into micro-batches")
         from algos.generation.hf import HFGenerator
 
         if self.ranks.fsdp and (generator is None or isinstance(generator, HFGenerator)):

@@ -290,7 +290,7 @@ def train(
     run_dir = run_dir or Path("runs") / f"{algo}-{env}"
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
-    ranks = start_ranks(nproc, fsdp)
+    ranks = start_ranks(nproc, fsdp, algo_config)
     env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
     heldout: Optional[list[str]] = None
     if warm_config is not None:
@@ -321,7 +321,7 @@ def train(
     report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
                               "config": algo_config.to_dict(),
                               "rollout": dataclasses.asdict(rollout),
-                              "trainable_parameters": trainable}
+                              "trainable_parameters": trainable, "processes": ranks.world}
     with agent:
         if heldout is None and eval_problems:
             heldout = heldout_problems(problem_source(agent.vec_env()), eval_problems)
@@ -387,19 +387,29 @@ def train(
     typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
 
 
-def start_ranks(nproc: Optional[int], fsdp: bool):
+def start_ranks(nproc: Optional[int], fsdp: bool, config):
     """This process's view of the run's processes. With ``--nproc N`` outside a launcher, run
     this same command line in N processes under torchrun and exit with its status."""
-    from algos.distributed import Ranks, launched_ranks, make_accelerator, torchrun_command
+    from algos.distributed import (
+        Ranks,
+        check_split,
+        launched_ranks,
+        make_accelerator,
+        torchrun_command,
+    )
 
     launched = launched_ranks()
-    if launched == 1 and nproc is not None and nproc > 1:
-        raise typer.Exit(subprocess.call(torchrun_command(nproc, sys.argv[1:])))
     if nproc is not None and launched > 1 and nproc != launched:
         raise typer.BadParameter(f"--nproc {nproc}, but the launcher started {launched} processes")
-    if fsdp and launched == 1:
+    if fsdp and max(launched, nproc or 1) == 1:
         raise typer.BadParameter("--fsdp shards the model across processes: add --nproc N "
                                  "or start the command under torchrun / accelerate launch")
+    try:
+        check_split(config, max(launched, nproc or 1))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if launched == 1 and nproc is not None and nproc > 1:
+        raise typer.Exit(subprocess.call(torchrun_command(nproc, sys.argv[1:])))
     ranks = Ranks(make_accelerator(fsdp))
     ranks.barrier()  # every rank has checked the run dir before rank 0 writes in it
     return ranks

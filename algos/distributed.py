@@ -63,6 +63,22 @@ def make_accelerator(fsdp: bool = False):
     )
 
 
+def check_split(config, world: int) -> None:
+    """Fail unless ``config``'s batch splits into whole prompt groups on ``world`` ranks, and
+    each rank's share of a minibatch into ``grad_accum_steps`` micro-batches."""
+    if world == 1:
+        return
+    if config.prompts_per_iteration % world:
+        raise ValueError(
+            f"prompts_per_iteration ({config.prompts_per_iteration}) must be a multiple of the "
+            f"{world} processes: each rolls out and trains whole prompt groups")
+    if config.minibatch_size % (config.grad_accum_steps * world):
+        raise ValueError(
+            f"minibatch_size ({config.minibatch_size}) must be a multiple of grad_accum_steps x "
+            f"processes ({config.grad_accum_steps} x {world}): each rank's share of a "
+            "minibatch is split into micro-batches")
+
+
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The command that runs ``argv`` (a ``python -m algos.cli`` command line) in ``nproc``
     processes on this machine: ``torchrun --standalone``, through ``torch.distributed.run``
