@@ -80,11 +80,21 @@ def check_split(config, world: int) -> None:
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """The command that runs ``argv`` (a ``python -m algos.cli`` command line) in ``nproc``
-    processes on this machine: ``torchrun --standalone``, through ``torch.distributed.run``
-    so it uses this interpreter."""
+    """The command that runs the ``python -m algos.cli`` command line ``argv`` in ``nproc``
+    processes on this machine: ``torchrun --standalone`` through ``torch.distributed.run``, so
+    it uses this interpreter. ``--nproc`` is dropped from ``argv``: the processes learn their
+    number from the launcher (and torchrun's parser would take ``--nproc`` for its own
+    ``--nproc-per-node``)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "algos.cli", *argv]
+            f"--nproc_per_node={nproc}", "-m", "algos.cli", *rest]
 
 
 class Ranks:

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from algos.cli import app
-from algos.distributed import reduce_metrics
+from algos.distributed import reduce_metrics, torchrun_command
 from algos.tiny import save_tiny, tiny_model, tiny_tokenizer
 from tests.distributed_worker import make_case, run_update
 
@@ -115,6 +115,12 @@ def test_no_rank_steps_when_no_rank_has_signal(two_ranks):
     for rank in two_ranks["all_flat"]:
         assert rank["metrics"]["update/steps"] == 0
         assert max_difference(rank["state"], initial_weights()) == 0
+
+
+def test_torchrun_command_runs_this_command_line_without_nproc():
+    command = torchrun_command(3, ["train", "--nproc", "3", "--set", "lr=1", "--nproc=3", "-v"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           "-m", "algos.cli", "train", "--set", "lr=1", "-v"]
 
 
 def test_metrics_reduce_across_ranks():
