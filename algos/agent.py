@@ -365,6 +365,7 @@ class Agent:
         """Train until ``self.iteration == iterations`` (a resumed agent continues where it was)."""
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
+        self.ranks.check_same_weights(self.trainable)
         progress = progress and self.ranks.is_main
         bar = tqdm(
             total=iterations, initial=self.iteration, desc=f"{self.name} iterations",

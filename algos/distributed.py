@@ -156,6 +156,18 @@ class Ranks:
             return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
         return self.accelerator.clip_grad_norm_(module.parameters(), max_norm)
 
+    def check_same_weights(self, module: torch.nn.Module) -> None:
+        """Fail when the ranks' copies of ``module`` differ: DDP keeps replicas equal only when
+        they start equal, and weights loaded on one rank alone (a warm-up, a resume) would
+        otherwise train apart unnoticed. Under FSDP each rank holds a different shard."""
+        if self.world == 1 or self.fsdp:
+            return
+        with torch.no_grad():
+            sums = torch.stack([p.double().sum() for p in module.parameters()]).cpu()
+        everyone = self.gather(sums)
+        if not torch.equal(everyone, sums.expand_as(everyone)):
+            raise RuntimeError(f"rank {self.rank}: the ranks' copies of the model differ")
+
     def barrier(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()

@@ -4,7 +4,8 @@ Run under torchrun (``python -m torch.distributed.run --standalone --nproc_per_n
 tests.distributed_worker CASES OUT``): for each case in the file ``CASES`` every rank builds the
 same tiny model, takes its contiguous share of the case's rows (whole groups) and writes its
 weights and update metrics to ``OUT/<case>-rank<r>.pt``. The test runs the same cases in one
-process on every row and compares.
+process on every row and compares. Last, rank 1 moves a weight of its own and each rank writes
+whether ``check_same_weights`` caught it (``OUT/diverged-rank<r>.pt``).
 """
 
 from __future__ import annotations
@@ -71,14 +72,18 @@ def rows_of(case: dict, rows: slice) -> tuple[TokenBatch, RolloutBatch]:
                              for f in dataclasses.fields(batch)}))
 
 
+def make_agent(config: GRPOConfig, accelerator=None):
+    tokenizer = tiny_tokenizer()
+    return algos.make("grpo", tiny_model(seed=0, tokenizer=tokenizer), "TIR-Math-v0", config,
+                      tokenizer=tokenizer, accelerator=accelerator)
+
+
 def run_update(case: dict, accelerator=None, rows: slice = slice(None)):
     """The weights and metrics after one ``Agent.update`` of a fresh tiny GRPO agent on ``rows``
     of the case. Advantages come from the rows' own (whole) groups, as on a rank."""
     tokens, batch = rows_of(case, rows)
     config = GRPOConfig(**case["config"])
-    tokenizer = tiny_tokenizer()
-    agent = algos.make("grpo", tiny_model(seed=0, tokenizer=tokenizer), "TIR-Math-v0", config,
-                       tokenizer=tokenizer, accelerator=accelerator)
+    agent = make_agent(config, accelerator)
     advantages: Advantages = get_advantage(config.advantage)(batch, config, None)
     metrics = agent.update(tokens, batch, advantages, None)
     state = {k: v.detach().clone() for k, v in agent.trainable.state_dict().items()}
@@ -94,6 +99,15 @@ def main(cases_file: str, out: str) -> None:
         state, metrics = run_update(case, accelerator, slice(rank * share, (rank + 1) * share))
         torch.save({"state": state, "metrics": metrics},
                    Path(out) / f"{case['name']}-rank{rank}.pt")
+    agent = make_agent(GRPOConfig(**BASE), accelerator)
+    with torch.no_grad():
+        next(agent.trainable.parameters()).add_(rank)
+    try:
+        agent.ranks.check_same_weights(agent.trainable)
+        caught = False
+    except RuntimeError:
+        caught = True
+    torch.save(caught, Path(out) / f"diverged-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -65,14 +65,20 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Every case's weights and metrics from both ranks of one 2-process launch."""
+def two_ranks_dir(tmp_path_factory) -> Path:
+    """What both ranks of one 2-process launch of the worker wrote."""
     out = tmp_path_factory.mktemp("ranks")
     torch.save(CASES, out / "cases.pt")
     result = torchrun("tests.distributed_worker", str(out / "cases.pt"), str(out))
     assert result.returncode == 0, result.stdout[-3000:]
-    return {case["name"]: [torch.load(out / f"{case['name']}-rank{r}.pt") for r in (0, 1)]
-            for case in CASES}
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(two_ranks_dir):
+    """Every case's weights and metrics from both ranks."""
+    return {case["name"]: [torch.load(two_ranks_dir / f"{case['name']}-rank{r}.pt")
+                           for r in (0, 1)] for case in CASES}
 
 
 # Tolerance: both ranks hold identical all-reduced gradients, so their weights must be equal
@@ -111,6 +117,12 @@ def test_two_ranks_take_the_update_of_one_process_on_the_whole_batch(two_ranks, 
 
 
 @pytest.mark.timeout(600)
+def test_ranks_holding_different_weights_are_caught(two_ranks_dir):
+    """A rank whose weights moved on its own (an unshared load) is refused on every rank."""
+    assert all(torch.load(two_ranks_dir / f"diverged-rank{r}.pt") for r in (0, 1))
+
+
+@pytest.mark.timeout(600)
 def test_no_rank_steps_when_no_rank_has_signal(two_ranks):
     for rank in two_ranks["all_flat"]:
         assert rank["metrics"]["update/steps"] == 0
@@ -137,7 +149,8 @@ def test_metrics_reduce_across_ranks():
     assert reduce_metrics(ranks[:1]) == ranks[0]
 
 
-TINY_RUN = ["--no-progress", "--no-warmup", "--threads", "1", "--eval-problems", "2",
+TINY_RUN = ["--no-progress", "--threads", "1", "--eval-problems", "2",
+            "--warmup", "--set", "warmup.traces=4", "--set", "warmup.batch_size=4",
             "--set", "prompts_per_iteration=2", "--set", "group_size=2",
             "--set", "minibatch_size=2", "--set", "grad_accum_steps=1",
             "--set", "rollout.max_new_tokens=16", "--set", "rollout.max_turns=2",
@@ -146,8 +159,9 @@ TINY_RUN = ["--no-progress", "--no-warmup", "--threads", "1", "--eval-problems",
 
 @pytest.mark.timeout(1200)
 def test_tir_train_nproc_2_checkpoints_and_resumes(tmp_path):
-    """``tir train --nproc 2`` runs one iteration on 2 processes, rank 0 alone evaluates, logs
-    and checkpoints; a second ``--nproc 2`` run resumes from that checkpoint."""
+    """``tir train --nproc 2`` runs one iteration on 2 processes, rank 0 alone warms the model
+    up (the other loads its checkpoint; ``learn`` checks the ranks' weights agree), evaluates,
+    logs and checkpoints; a second ``--nproc 2`` run resumes from that checkpoint."""
     model, run_dir = save_tiny(tmp_path / "tiny"), tmp_path / "run"
     base = [sys.executable, "-m", "algos.cli", "train", "--nproc", "2", "--algo", "grpo",
             "--model", str(model), "--run-dir", str(run_dir), *TINY_RUN]
@@ -155,7 +169,8 @@ def test_tir_train_nproc_2_checkpoints_and_resumes(tmp_path):
     first = launch([*base, "--iterations", "1"], ROOT)
     assert first.returncode == 0, first.stdout[-3000:]
     assert "training grpo for 1 iterations on 2 processes" in first.stdout
-    assert first.stdout.count("evaluating on 2 held-out problems") == 2  # before, after: rank 0
+    assert first.stdout.count("evaluating on 2 held-out problems") == 3  # rank 0 alone
+    assert first.stdout.count("warm-up: 4 traces") == 1
     [row] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert row["iteration"] == 1
     assert row["update/rows_in_loss"] == 4  # 2 ranks x 1 prompt x 2 samples, summed
@@ -165,6 +180,7 @@ def test_tir_train_nproc_2_checkpoints_and_resumes(tmp_path):
     second = launch([*base, "--iterations", "2", "--resume"], ROOT)
     assert second.returncode == 0, second.stdout[-3000:]
     assert "(resumed at 1) on 2 processes" in second.stdout
+    assert second.stdout.count("evaluating on 2 held-out problems") == 1  # the others cached
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
     assert (run_dir / "checkpoints" / "iter_000002" / "trainer.pt").is_file()
