@@ -135,6 +135,24 @@ def test_torchrun_command_runs_this_command_line_without_nproc():
                            "-m", "algos.cli", "train", "--set", "lr=1", "-v"]
 
 
+def test_torchrun_passes_every_tir_train_option_through():
+    """torchrun's parser accepts abbreviations of its own options; none of ``tir train``'s may
+    be taken for one (``--nproc`` was, for ``--nproc-per-node``: the command drops it)."""
+    import typer.main
+    from torch.distributed.run import get_args_parser
+
+    train = typer.main.get_command(app).commands["train"]
+    argv = ["train"]
+    for param in train.params:
+        for name in param.opts + param.secondary_opts:
+            argv += [name] if param.is_flag else [name, "1"]
+    command = torchrun_command(2, argv)
+    parsed = get_args_parser().parse_args(command[3:])
+    assert parsed.nproc_per_node == "2" and parsed.module and parsed.training_script == "algos.cli"
+    assert parsed.training_script_args == [a for i, a in enumerate(argv)
+                                           if a != "--nproc" and argv[i - 1] != "--nproc"]
+
+
 def test_metrics_reduce_across_ranks():
     ranks = [
         {"reward/mean": 1.0, "reward/std": 0.0, "tokens/generated": 10, "time/update_s": 2.0,
