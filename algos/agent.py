@@ -189,7 +189,7 @@ class Agent:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.env_kwargs = dict(env_kwargs or {})
         self.ranks = Ranks(accelerator)
-        self._check_ranks(generator)
+        self._check_ranks(generator, run_dir)
         self.device = self.ranks.device or torch.device(device)
         self._check_env(env)
 
@@ -253,7 +253,7 @@ class Agent:
 
     # ------------------------------------------------------------------ env
 
-    def _check_ranks(self, generator: Generator | None) -> None:
+    def _check_ranks(self, generator: Generator | None, run_dir) -> None:
         """Fail before any work when the batch cannot be split into whole groups per rank."""
         cfg = self.config
         check_split(cfg, self.ranks.world)
@@ -265,6 +265,10 @@ class Agent:
             raise ValueError(
                 "under FSDP each rank holds a shard of the weights, and the local hf backend "
                 "generates with the whole model: roll out on a generation server instead")
+        if self.ranks.fsdp and run_dir is not None:
+            raise ValueError(
+                "checkpoints are written from rank 0's whole copy of the model, which FSDP does "
+                "not keep: train under FSDP without a run_dir and save through accelerate")
         if (getattr(cfg, "norm_scope", None) in ("batch", "global")
                 or getattr(cfg, "whiten_advantages", False)):
             logger.warning(

@@ -248,9 +248,6 @@ def train(
     nproc: Annotated[Optional[int], typer.Option(
         min=1, help="data-parallel training processes on this machine (torchrun --standalone); "
                     "each rolls out and trains prompts_per_iteration / N prompts")] = None,
-    fsdp: Annotated[bool, typer.Option(
-        help="shard the model with accelerate's FSDP instead of DDP (needs --nproc or a "
-             "launcher, and a generation server; untested on CPU)")] = False,
     progress: bool = True,
     verbose: bool = False,
 ) -> None:
@@ -290,7 +287,7 @@ def train(
     run_dir = run_dir or Path("runs") / f"{algo}-{env}"
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
-    ranks = start_ranks(nproc, fsdp, algo_config)
+    ranks = start_ranks(nproc, algo_config)
     env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
     heldout: Optional[list[str]] = None
     if warm_config is not None:
@@ -387,7 +384,7 @@ def train(
     typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
 
 
-def start_ranks(nproc: Optional[int], fsdp: bool, config):
+def start_ranks(nproc: Optional[int], config):
     """This process's view of the run's processes. With ``--nproc N`` outside a launcher, run
     this same command line in N processes under torchrun and exit with its status."""
     from algos.distributed import (
@@ -401,16 +398,13 @@ def start_ranks(nproc: Optional[int], fsdp: bool, config):
     launched = launched_ranks()
     if nproc is not None and launched > 1 and nproc != launched:
         raise typer.BadParameter(f"--nproc {nproc}, but the launcher started {launched} processes")
-    if fsdp and max(launched, nproc or 1) == 1:
-        raise typer.BadParameter("--fsdp shards the model across processes: add --nproc N "
-                                 "or start the command under torchrun / accelerate launch")
     try:
         check_split(config, max(launched, nproc or 1))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if launched == 1 and nproc is not None and nproc > 1:
         raise typer.Exit(subprocess.call(torchrun_command(nproc, sys.argv[1:])))
-    ranks = Ranks(make_accelerator(fsdp))
+    ranks = Ranks(make_accelerator())
     ranks.barrier()  # every rank has checked the run dir before rank 0 writes in it
     return ranks
 
