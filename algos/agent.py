@@ -254,7 +254,9 @@ class Agent:
     # ------------------------------------------------------------------ env
 
     def _check_ranks(self, generator: Generator | None, run_dir) -> None:
-        """Fail before any work when the batch cannot be split into whole groups per rank."""
+        """Fail before any work on what several processes cannot run (a batch that does not
+        split into whole groups per rank; under FSDP, whatever needs whole weights on a rank),
+        and warn of what they compute differently from one process."""
         cfg = self.config
         check_split(cfg, self.ranks.world)
         if self.ranks.world == 1:
@@ -269,8 +271,8 @@ class Agent:
             raise ValueError(
                 "checkpoints are written from rank 0's whole copy of the model, which FSDP does "
                 "not keep: train under FSDP without a run_dir and save through accelerate")
-        if (getattr(cfg, "norm_scope", None) in ("batch", "global")
-                or getattr(cfg, "whiten_advantages", False)):
+        if self.ranks.is_main and (getattr(cfg, "norm_scope", None) in ("batch", "global")
+                                   or getattr(cfg, "whiten_advantages", False)):
             logger.warning(
                 "batch-wide advantage statistics (norm_scope batch/global, PPO whitening) are "
                 "computed over each rank's share of the batch, not the whole batch")

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 import algos
-from algos.advantages import Advantages, get_advantage
 from algos.agent import token_logprobs
 from algos.batch import RolloutBatch, TokenBatch
-from algos.config import GRPOConfig
+from algos.config import GRPOConfig, PPOConfig
 from algos.distributed import make_accelerator
 from algos.tiny import tiny_model, tiny_tokenizer
 
@@ -60,9 +59,13 @@ def synthetic_batch(flat_groups: tuple[int, ...] = (), seed: int = 0):
     return TokenBatch(input_ids, attention_mask, old_logprobs), batch
 
 
-def make_case(name: str, flat_groups: tuple[int, ...] = (), **config) -> dict:
+CONFIGS = {"grpo": GRPOConfig, "ppo": PPOConfig}
+
+
+def make_case(name: str, flat_groups: tuple[int, ...] = (), algo: str = "grpo", **config) -> dict:
     tokens, batch = synthetic_batch(flat_groups)
-    return {"name": name, "config": {**BASE, **config}, "tokens": tokens, "batch": batch}
+    return {"name": name, "algo": algo, "config": {**BASE, **config}, "tokens": tokens,
+            "batch": batch}
 
 
 def rows_of(case: dict, rows: slice) -> tuple[TokenBatch, RolloutBatch]:
@@ -72,20 +75,24 @@ def rows_of(case: dict, rows: slice) -> tuple[TokenBatch, RolloutBatch]:
                              for f in dataclasses.fields(batch)}))
 
 
-def make_agent(config: GRPOConfig, accelerator=None):
+def make_agent(algo: str, config, accelerator=None):
+    """A fresh tiny agent, the same in every process (PPO's value head is seeded too)."""
     tokenizer = tiny_tokenizer()
-    return algos.make("grpo", tiny_model(seed=0, tokenizer=tokenizer), "TIR-Math-v0", config,
-                      tokenizer=tokenizer, accelerator=accelerator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return algos.make(algo, tiny_model(seed=0, tokenizer=tokenizer), "TIR-Math-v0", config,
+                          tokenizer=tokenizer, accelerator=accelerator)
 
 
 def run_update(case: dict, accelerator=None, rows: slice = slice(None)):
-    """The weights and metrics after one ``Agent.update`` of a fresh tiny GRPO agent on ``rows``
-    of the case. Advantages come from the rows' own (whole) groups, as on a rank."""
+    """The weights and metrics after one ``Agent.update`` of a fresh tiny agent on ``rows`` of
+    the case. Advantages come from the rows' own (whole) groups, as on a rank."""
     tokens, batch = rows_of(case, rows)
-    config = GRPOConfig(**case["config"])
-    agent = make_agent(config, accelerator)
-    advantages: Advantages = get_advantage(config.advantage)(batch, config, None)
-    metrics = agent.update(tokens, batch, advantages, None)
+    config = CONFIGS[case["algo"]](**case["config"])
+    agent = make_agent(case["algo"], config, accelerator)
+    values = agent.rollout_values(tokens, batch)
+    advantages = agent.estimator(batch, config, values)
+    metrics = agent.update(tokens, batch, advantages, values)
     state = {k: v.detach().clone() for k, v in agent.trainable.state_dict().items()}
     return state, metrics
 
@@ -99,7 +106,7 @@ def main(cases_file: str, out: str) -> None:
         state, metrics = run_update(case, accelerator, slice(rank * share, (rank + 1) * share))
         torch.save({"state": state, "metrics": metrics},
                    Path(out) / f"{case['name']}-rank{rank}.pt")
-    agent = make_agent(GRPOConfig(**BASE), accelerator)
+    agent = make_agent("grpo", GRPOConfig(**BASE), accelerator)
     with torch.no_grad():
         next(agent.trainable.parameters()).add_(rank)
     try:

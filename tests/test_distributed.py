@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from algos.cli import app
 from algos.distributed import reduce_metrics, torchrun_command
-from algos.tiny import save_tiny, tiny_model, tiny_tokenizer
-from tests.distributed_worker import make_case, run_update
+from algos.tiny import save_tiny
+from tests.distributed_worker import CONFIGS, make_agent, make_case, run_update
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_DEADLINE_S = 420
@@ -51,13 +51,15 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def initial_weights() -> dict:
-    return tiny_model(seed=0, tokenizer=tiny_tokenizer()).state_dict()
+def initial_weights(case: dict) -> dict:
+    config = CONFIGS[case["algo"]](**case["config"])
+    return make_agent(case["algo"], config).trainable.state_dict()
 
 
 CASES = [
     make_case("token_mean"),
     make_case("seq_mean", loss_aggregation="seq_mean"),
+    make_case("ppo", algo="ppo", whiten_advantages=False),  # whitening is per rank
     make_case("rank1_flat", flat_groups=(1,)),
     make_case("rank1_dropped", flat_groups=(1,), zero_variance_groups="drop"),
     make_case("all_flat", flat_groups=(0, 1)),
@@ -93,12 +95,14 @@ WEIGHTS_ATOL = 2e-5
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["token_mean", "seq_mean", "rank1_flat", "rank1_dropped"])
+@pytest.mark.parametrize("name", ["token_mean", "seq_mean", "ppo", "rank1_flat",
+                                  "rank1_dropped"])
 def test_two_ranks_take_the_update_of_one_process_on_the_whole_batch(two_ranks, name):
     """2 ranks with one group each take the update one process takes with both groups: the
     loss divisor is all-reduced (group 0's turns are ~4x longer than group 1's, so per-rank
     divisors would weight the groups differently). In the flat cases rank 1 has nothing to
-    train on (rows skipped or dropped) and still joins every all-reduce."""
+    train on (rows skipped or dropped) and still joins every all-reduce. PPO's value loss
+    shares the divisor, and its value head trains under DDP beside the policy."""
     case = next(c for c in CASES if c["name"] == name)
     (rank0, rank1) = two_ranks[name]
     single, single_metrics = run_update(case)
@@ -106,7 +110,7 @@ def test_two_ranks_take_the_update_of_one_process_on_the_whole_batch(two_ranks, 
     assert tokens[:4].sum() > 3 * tokens[4:].sum()
 
     assert all(torch.equal(rank0["state"][k], rank1["state"][k]) for k in rank0["state"])
-    assert max_difference(rank0["state"], initial_weights()) > 1e-3, "the update moved nothing"
+    assert max_difference(rank0["state"], initial_weights(case)) > 1e-3, "the update moved nothing"
     assert max_difference(rank0["state"], single) < WEIGHTS_ATOL
     assert rank0["metrics"]["update/steps"] == rank1["metrics"]["update/steps"] == 2
     assert single_metrics["update/steps"] == 2
@@ -124,9 +128,10 @@ def test_ranks_holding_different_weights_are_caught(two_ranks_dir):
 
 @pytest.mark.timeout(600)
 def test_no_rank_steps_when_no_rank_has_signal(two_ranks):
+    initial = initial_weights(next(c for c in CASES if c["name"] == "all_flat"))
     for rank in two_ranks["all_flat"]:
         assert rank["metrics"]["update/steps"] == 0
-        assert max_difference(rank["state"], initial_weights()) == 0
+        assert max_difference(rank["state"], initial) == 0
 
 
 def test_torchrun_command_runs_this_command_line_without_nproc():
