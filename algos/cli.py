@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import resource
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -250,6 +252,9 @@ def train(
         min=1, help="with --env-workers ray: envs sharing one actor and its sandbox")] = 1,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        min=1, help="data-parallel training processes on this machine (torchrun --standalone); "
+                    "each rolls out and trains prompts_per_iteration / N prompts")] = None,
     progress: bool = True,
     verbose: bool = False,
 ) -> None:
@@ -289,6 +294,7 @@ def train(
     run_dir = run_dir or Path("runs") / f"{algo}-{env}"
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
+    ranks = start_ranks(nproc, algo_config)
     env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
     if env_workers not in ("sync", "ray"):
         raise typer.BadParameter(f"--env-workers must be sync or ray, got {env_workers!r}")
@@ -319,14 +325,17 @@ def train(
         trainable = (train_top_layers(policy, min(train_layers, blocks))
                      if train_layers and blocks > train_layers else None)
         agent = algos.make(algo, policy, env, algo_config, tokenizer=tokenizer, rollout=rollout,
-                           run_dir=run_dir, env_kwargs=env_kwargs)
+                           run_dir=run_dir, env_kwargs=env_kwargs,
+                           accelerator=ranks.accelerator)
     except (ValueError, TypeError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    main = ranks.is_main
     run_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
                               "config": algo_config.to_dict(),
                               "rollout": dataclasses.asdict(rollout),
-                              "trainable_parameters": trainable, "env_workers": env_workers}
+                              "trainable_parameters": trainable, "env_workers": env_workers,
+                              "processes": ranks.world}
     with agent:
         if heldout is None and eval_problems:
             heldout = heldout_problems(problem_source(agent.vec_env()), eval_problems)
@@ -342,33 +351,38 @@ def train(
             return result
 
         evals: dict[str, dict] = {}
-        if eval_problems:
+        if eval_problems and main:
             evals["before"] = _cached_eval(run_dir / "eval_before.json",
                                            lambda: timed_eval("before"))
         if warm_config is not None:
             from algos.warmup import warm_up
 
             t0 = time.perf_counter()
-            if not warm_ready:
+            if not warm_ready and main:
                 typer.echo(f"warm-up: {warm_config.traces} traces x {warm_config.epochs} epochs")
             try:
-                warm_dir = warm_up(agent.policy, agent.tokenizer, warm_config, warm_root)
+                with ranks.main_first():  # the others reuse rank 0's warm-up checkpoint
+                    warm_dir = warm_up(agent.policy, agent.tokenizer, warm_config, warm_root)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc)) from None
-            if warm_ready:  # made by an earlier (killed) run: load it
+            if warm_ready or not main:  # made by an earlier (killed) run or by rank 0: load it
                 agent.load_weights(warm_dir)
             agent.generator.update_weights(agent.policy)
             phases["warmup_s"] = round(time.perf_counter() - t0, 1)
             report["warmup"] = json.loads((warm_root / "warmup.json").read_text())
-            if eval_problems:
+            if eval_problems and main:
                 evals["after_warmup"] = _cached_eval(run_dir / "eval_after_warmup.json",
                                                      lambda: timed_eval("after_warmup"))
         resumed = resume and agent.resume()
-        typer.echo(f"training {algo} for {iterations} iterations" +
-                   (f" (resumed at {agent.iteration})" if resumed else ""))
+        if main:
+            typer.echo(f"training {algo} for {iterations} iterations" +
+                       (f" (resumed at {agent.iteration})" if resumed else "") +
+                       (f" on {ranks.world} processes" if ranks.world > 1 else ""))
         t0 = time.perf_counter()
         agent.learn(iterations, progress=progress)
         phases["rl_s"] = round(time.perf_counter() - t0, 1)
+        if not main:
+            return
         final = agent.save(run_dir / "final")
         if eval_problems:
             evals["after"] = timed_eval("after")
@@ -385,6 +399,31 @@ def train(
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print_summary(report, eval_samples)
     typer.echo(f"model: {final}  curves: {curves}  metrics: {run_dir / 'metrics.jsonl'}")
+
+
+def start_ranks(nproc: Optional[int], config):
+    """This process's view of the run's processes. With ``--nproc N`` outside a launcher, run
+    this same command line in N processes under torchrun and exit with its status."""
+    from algos.distributed import (
+        Ranks,
+        check_split,
+        launched_ranks,
+        make_accelerator,
+        torchrun_command,
+    )
+
+    launched = launched_ranks()
+    if nproc is not None and launched > 1 and nproc != launched:
+        raise typer.BadParameter(f"--nproc {nproc}, but the launcher started {launched} processes")
+    try:
+        check_split(config, max(launched, nproc or 1))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if launched == 1 and nproc is not None and nproc > 1:
+        raise typer.Exit(subprocess.call(torchrun_command(nproc, sys.argv[1:])))
+    ranks = Ranks(make_accelerator())
+    ranks.barrier()  # every rank has checked the run dir before rank 0 writes in it
+    return ranks
 
 
 def evaluation_report(evals: dict[str, dict]) -> dict[str, Any]:
@@ -602,3 +641,7 @@ def data_check(
         problem = problems[index]
         typer.echo(f"  {index:>5}  {problem.id:<36} {problem.answer[:24]:<24} "
                    f"{problem.question[:60]!r}")
+
+
+if __name__ == "__main__":  # torchrun runs `python -m algos.cli`
+    app()
