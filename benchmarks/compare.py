@@ -493,7 +493,7 @@ def write_markdown(path: Path, results: dict, title: str) -> None:
             f"{100 * row['below_start']:.0f}% | {100 * row['code_error_rate']:.1f}% | {per_seed} |")
     lines += ["", "Accuracies in %.", "", f"**{results['verdict']}**", "",
               "Paired differences (same seeds): every method against GRPO, each GTPO variant "
-              "against GTPO:", ""]
+              "against GTPO, and GTPO against GRPO on the same reward (grpo-penalty):", ""]
     for name, diff in results["paired"].items():
         if diff is not None and diff["ci95"][0] is not None:
             lines.append(f"- {name}: {100 * diff['mean']:+.1f} points, 95% CI "
@@ -607,11 +607,14 @@ def main(argv: list[str] | None = None) -> dict:
             runs.setdefault(run.method, {})[run.seed] = record
         runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
     summary = summarize(runs)
-    # Every method against GRPO (the paper's question), and each GTPO variant against GTPO (what
-    # the ablation or stabiliser changes).
+    # Every method against GRPO (the paper's question), each GTPO variant against GTPO (what the
+    # ablation or stabiliser changes), and GTPO against GRPO on GTPO's own reward (the summed
+    # format penalty): what the turn-level credit adds when the reward is the same.
     paired = {f"{a} - grpo": paired_difference(runs, a, "grpo") for a in runs if a != "grpo"}
     paired.update({f"{a} - gtpo": paired_difference(runs, a, "gtpo") for a in runs
                    if a != "gtpo" and METHODS[a][0] == "gtpo"})
+    if "gtpo" in runs and "grpo-penalty" in runs:
+        paired["gtpo - grpo-penalty"] = paired_difference(runs, "gtpo", "grpo-penalty")
     results = {
         "title": title,
         "budget": dataclasses.asdict(budget),
