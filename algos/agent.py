@@ -14,6 +14,10 @@ subclasses that pick a config class and, for PPO, add a critic. One iteration:
 
 Every random draw of an iteration is seeded from ``(config.seed, iteration)``, so a run killed
 after checkpoint k and resumed computes exactly what the uninterrupted run would have.
+
+Across N processes (``algos.distributed``) each rank runs steps 1-5 on its own
+``prompts_per_iteration / N`` whole prompt groups; the loss divisor, the steps taken and the
+micro-steps run are agreed across ranks, and rank 0 alone logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from algos.advantages import check_config, get_advantage
 from algos.batch import RolloutBatch, TokenBatch, rollout_batch
 from algos.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from algos.config import AlgoConfig
+from algos.distributed import Ranks, check_split
 from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
 from algos.generation import make_generator
 from algos.generation.base import Generator, SamplingParams
-from algos.losses import aggregation_count, policy_loss
+from algos.losses import aggregation_total, policy_loss
 from algos.metrics import MetricsLogger, trajectory_metrics
 from algos.models import load_policy
 from algos.rollout import RolloutConfig, Trajectory, collect, make_vec_env
@@ -150,7 +155,9 @@ class Agent:
     ``model``: an HF model directory, hub id or ``.gguf`` (loaded with ``algos.models.load_policy``),
     or a loaded ``PreTrainedModel`` together with ``tokenizer``. ``env``: a registered env id (made
     ``prompts_per_iteration * group_size`` times, all sharing one sandbox) or a ready
-    ``gymnasium.vector.VectorEnv`` of TIR envs with that many sub-envs.
+    ``gymnasium.vector.VectorEnv`` of TIR envs with that many sub-envs. ``accelerator``: an
+    ``accelerate.Accelerator`` of a multi-process run (``algos.distributed.make_accelerator``);
+    each of its N ranks then rolls out ``prompts_per_iteration / N`` prompts.
     """
 
     name: ClassVar[str] = "agent"
@@ -168,6 +175,7 @@ class Agent:
         run_dir: str | os.PathLike | None = None,
         generator: Generator | None = None,
         device: str = "cpu",
+        accelerator: Any = None,
     ):
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
@@ -180,11 +188,14 @@ class Agent:
         if self.rollout.temperature == 0:
             raise ValueError("training needs sampled rollouts: rollout.temperature must be > 0")
         self.env_kwargs = dict(env_kwargs or {})
-        self.device = torch.device(device)
+        self.ranks = Ranks(accelerator)
+        self._check_ranks(generator, run_dir)
+        self.device = self.ranks.device or torch.device(device)
         self._check_env(env)
 
         if isinstance(model, (str, os.PathLike)):
-            model, loaded_tokenizer = load_policy(model, dtype=self.config.dtype, device=device)
+            model, loaded_tokenizer = load_policy(model, dtype=self.config.dtype,
+                                                  device=str(self.device))
             tokenizer = tokenizer or loaded_tokenizer
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with a loaded model")
@@ -193,15 +204,18 @@ class Agent:
         self.policy.train()
         self.trainable = self.build_trainable(self.policy)
         self.reference = self._make_reference() if self.config.kl_coef > 0 else None
-        self.optimizer = torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             [p for p in self.trainable.parameters() if p.requires_grad],
             lr=self.config.lr,
             weight_decay=0.0,
         )
         warmup = self.config.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
+        self.parallel_model, self.optimizer = self.ranks.prepare(self.trainable, optimizer)
+        """``trainable`` as the update's forward passes call it: DDP- or FSDP-wrapped across
+        ranks (its gradients are all-reduced), ``trainable`` itself in one process."""
         self.generator = generator or make_generator("hf", model=self.policy, tokenizer=tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
@@ -229,8 +243,8 @@ class Agent:
         the first generated token on (``logits_to_keep``): on SmolLM2 its 49k-wide projection
         is a fifth of the model's compute.
         """
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          logits_to_keep=logits_needed(loss_mask))
+        out = self.parallel_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False, logits_to_keep=logits_needed(loss_mask))
         return out.logits, None
 
     def extra_loss(self, values: Tensor | None, minibatch: dict[str, Tensor], denominator: float):
@@ -238,6 +252,30 @@ class Agent:
         return None, {}
 
     # ------------------------------------------------------------------ env
+
+    def _check_ranks(self, generator: Generator | None, run_dir) -> None:
+        """Fail before any work on what several processes cannot run (a batch that does not
+        split into whole groups per rank; under FSDP, whatever needs whole weights on a rank),
+        and warn of what they compute differently from one process."""
+        cfg = self.config
+        check_split(cfg, self.ranks.world)
+        if self.ranks.world == 1:
+            return
+        from algos.generation.hf import HFGenerator
+
+        if self.ranks.fsdp and (generator is None or isinstance(generator, HFGenerator)):
+            raise ValueError(
+                "under FSDP each rank holds a shard of the weights, and the local hf backend "
+                "generates with the whole model: roll out on a generation server instead")
+        if self.ranks.fsdp and run_dir is not None:
+            raise ValueError(
+                "checkpoints are written from rank 0's whole copy of the model, which FSDP does "
+                "not keep: train under FSDP without a run_dir and save through accelerate")
+        if self.ranks.is_main and (getattr(cfg, "norm_scope", None) in ("batch", "global")
+                                   or getattr(cfg, "whiten_advantages", False)):
+            logger.warning(
+                "batch-wide advantage statistics (norm_scope batch/global, PPO whitening) are "
+                "computed over each rank's share of the batch, not the whole batch")
 
     def _check_env(self, env) -> None:
         """Fail before any work when the env is not a TIR env."""
@@ -267,7 +305,8 @@ class Agent:
 
     @property
     def batch_size(self) -> int:
-        return self.config.prompts_per_iteration * self.config.group_size
+        """Trajectories this rank rolls out per iteration (its share of the batch)."""
+        return self.config.prompts_per_iteration // self.ranks.world * self.config.group_size
 
     def vec_env(self) -> gymnasium.vector.VectorEnv:
         """The vector env the agent rolls out in (built on first use from the env id)."""
@@ -281,7 +320,7 @@ class Agent:
             if self._vec_env.num_envs != self.batch_size:
                 raise ValueError(
                     f"the vector env has {self._vec_env.num_envs} envs, but prompts_per_iteration "
-                    f"x group_size = {self.batch_size}"
+                    f"x group_size / processes = {self.batch_size}"
                 )
         return self._vec_env
 
@@ -290,9 +329,14 @@ class Agent:
         return problem_source(self.vec_env())
 
     def sample_problems(self, iteration: int) -> list[str]:
+        """This rank's prompts of ``iteration``: its contiguous share of one list that every rank
+        draws alike from ``(seed, iteration)``, so ranks hold distinct groups and a resumed run
+        draws what the uninterrupted one did."""
         rng = np.random.default_rng([self.config.seed, iteration])
         source = self.problem_source()
-        return [source.sample(rng).id for _ in range(self.config.prompts_per_iteration)]
+        drawn = [source.sample(rng).id for _ in range(self.config.prompts_per_iteration)]
+        share = len(drawn) // self.ranks.world
+        return drawn[self.ranks.rank * share : (self.ranks.rank + 1) * share]
 
     def sampling_params(self, seed: int | None) -> SamplingParams:
         r = self.rollout
@@ -327,6 +371,8 @@ class Agent:
         """Train until ``self.iteration == iterations`` (a resumed agent continues where it was)."""
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
+        self.ranks.check_same_weights(self.trainable)
+        progress = progress and self.ranks.is_main
         bar = tqdm(
             total=iterations, initial=self.iteration, desc=f"{self.name} iterations",
             disable=not progress, unit="it",
@@ -334,6 +380,8 @@ class Agent:
         try:
             while self.iteration < iterations:
                 metrics = self.train_iteration(progress=progress)
+                if not self.ranks.is_main:
+                    continue
                 self.log(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
@@ -348,7 +396,8 @@ class Agent:
     def train_iteration(self, progress: bool = False) -> dict[str, float]:
         """One collect -> shape -> advantages -> update pass; returns its metrics."""
         it = self.iteration
-        seed = int(np.random.default_rng([self.config.seed, it, 1]).integers(2**31))
+        rank = [self.ranks.rank] if self.ranks.world > 1 else []
+        seed = int(np.random.default_rng([self.config.seed, it, 1, *rank]).integers(2**31))
         self._seed_everything(seed)
         timings: dict[str, float] = {}
 
@@ -380,22 +429,23 @@ class Agent:
         self.generator.update_weights(self.policy)
         self.iteration = it + 1
 
-        generated = sum(t.num_generated for t in trajectories)
-        updated_tokens = update.pop("tokens/updated", 0.0)
-        metrics = {
-            "iteration": self.iteration,
+        metrics = self.ranks.reduce_metrics({
             **trajectory_metrics(trajectories),
             **signal,
             **update,
             **timings,
-            "tokens/generated": generated,
-            "tokens/updated": updated_tokens,
-            "tokens/rollout_per_s": generated / max(timings["time/rollout_s"], 1e-9),
+            "tokens/generated": sum(t.num_generated for t in trajectories),
+        })
+        updated_tokens = metrics["tokens/updated"]
+        return {
+            "iteration": self.iteration,
+            **metrics,
+            "tokens/rollout_per_s": metrics["tokens/generated"] / max(metrics["time/rollout_s"],
+                                                                      1e-9),
             "tokens/update_per_s": (
-                updated_tokens / timings["time/update_s"] if updated_tokens else 0.0
+                updated_tokens / metrics["time/update_s"] if updated_tokens else 0.0
             ),
         }
-        return metrics
 
     @torch.no_grad()
     def rollout_values(self, tokens: TokenBatch, batch: RolloutBatch) -> Tensor | None:
@@ -424,6 +474,12 @@ class Agent:
         get the same number of steps (a minibatch that carries no gradient is skipped). The
         metrics include where the time went (forward + backward, optimizer) and what the forward
         passes ran over, so a benchmark reads them instead of wrapping methods.
+
+        Across ranks B and ``minibatch_size`` count every rank's rows, and each rank shuffles and
+        splits its own; :meth:`_agreed_plan` makes the ranks agree on each step, so with one
+        minibatch per epoch N ranks holding B/N rows each take the update one process takes
+        with all B (with several, each step draws its rows per rank instead of from the whole
+        batch).
         """
         cfg = self.config
         n = tokens.input_ids.shape[0]
@@ -450,39 +506,47 @@ class Agent:
                               "update/rows_forward", "tokens/forward", "tokens/forward_padded"), 0.0)
         steps, updated_tokens = 0, 0.0
         generator = torch.Generator().manual_seed(cfg.seed + self.iteration)
-        micro = cfg.minibatch_size // cfg.grad_accum_steps
-        per_epoch = -(-n // cfg.minibatch_size)
+        micro = cfg.minibatch_size // (cfg.grad_accum_steps * self.ranks.world)
+        per_epoch = -(-n * self.ranks.world // cfg.minibatch_size)
         kept = in_loss.nonzero().squeeze(1)
         bar = tqdm(total=cfg.update_epochs * per_epoch, desc="update", leave=False,
                    disable=not progress)
         self.trainable.train()
         for _ in range(cfg.update_epochs):
             order = kept[torch.randperm(len(kept), generator=generator)]
-            for rows in order.tensor_split(per_epoch):
-                denominator = float(aggregation_count(loss_mask[rows], cfg.loss_aggregation))
-                if skip_flat:
-                    rows = rows[has_signal[rows]]
-                if not bool(loss_mask[rows].any()):
+            split = order.tensor_split(per_epoch)
+            totals = [aggregation_total(loss_mask[rows], cfg.loss_aggregation) for rows in split]
+            minibatches = [rows[has_signal[rows]] if skip_flat else rows for rows in split]
+            for rows, denominator, micro_steps in self._agreed_plan(
+                    minibatches, totals, loss_mask, micro):
+                if micro_steps == 0:
                     bar.update(1)
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 updated_tokens += float(loss_mask[rows].sum())
-                for m in range(0, len(rows), micro):
-                    part = rows[m : m + micro]
+                for m in range(micro_steps):
+                    part = rows[m * micro : (m + 1) * micro]
+                    idle = len(part) == 0  # the other ranks still have rows: join their
+                    if idle:               # all-reduce with a zero gradient from one row
+                        part = torch.zeros(1, dtype=torch.long)
                     width = int(tokens.attention_mask[part].sum(1).max())
                     mb = {k: v[part, :width].to(self.device) for k, v in data.items()}
+                    if idle:
+                        mb["loss_mask"] = torch.zeros_like(mb["loss_mask"])
                     start = time.perf_counter()
-                    for key, value in self._micro_step(mb, denominator).items():
-                        sums[key] += value * len(part) / len(rows)
+                    with self.ranks.no_sync(self.parallel_model, skip=m < micro_steps - 1):
+                        metrics = self._micro_step(mb, denominator)
                     work["time/forward_backward_s"] += time.perf_counter() - start
                     work["update/micro_steps"] += 1
+                    if idle:
+                        continue
+                    for key, value in metrics.items():
+                        sums[key] += value * len(part) / len(rows)
                     work["update/rows_forward"] += len(part)
                     work["tokens/forward"] += float(mb["attention_mask"].sum())
                     work["tokens/forward_padded"] += mb["attention_mask"].numel()
                 start = time.perf_counter()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.trainable.parameters(), cfg.max_grad_norm
-                )
+                grad_norm = self.ranks.clip_grad_norm_(self.parallel_model, cfg.max_grad_norm)
                 sums["lr"] += self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.scheduler.step()
@@ -497,6 +561,30 @@ class Agent:
                 "update/rows_in_loss": float(in_loss.sum()),
                 "update/rows_with_signal": float((has_signal & in_loss).sum()),
                 "tokens/updated": updated_tokens}
+
+    def _agreed_plan(
+        self, minibatches: list[Tensor], totals: list[Tensor], loss_mask: Tensor, micro: int
+    ) -> list[tuple[Tensor, float, int]]:
+        """Per minibatch of one epoch: the rows this rank runs forward, the loss divisor and the
+        number of micro-steps, the same on every rank (one gather per epoch).
+
+        The divisor is the minibatch's ``aggregation_total`` summed over ranks (what one process
+        holding every row would divide by), over the number of ranks, since DDP averages the
+        ranks' gradients. A step is taken when any rank has a token to train on, and then every
+        rank runs as many micro-steps as the busiest one (an idle rank's add zero gradient), so
+        no rank skips a backward pass whose all-reduce the others wait in.
+        """
+        local = torch.tensor([[float(total), float(loss_mask[rows].sum()),
+                               -(-len(rows) // micro)]
+                              for rows, total in zip(minibatches, totals)], dtype=torch.float64)
+        everyone = self.ranks.gather(local)  # [ranks, minibatches, 3]
+        plan = []
+        for rows, total, tokens, micro_steps in zip(
+                minibatches, everyone[..., 0].sum(0), everyone[..., 1].sum(0),
+                everyone[..., 2].amax(0)):
+            denominator = float(total.clamp(min=1)) / self.ranks.world
+            plan.append((rows, denominator, int(micro_steps) if tokens > 0 else 0))
+        return plan
 
     def loss_constant(self) -> float | None:
         """Dr.GRPO's fixed normaliser: the config's, else the episode's generation budget."""

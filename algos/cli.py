@@ -14,6 +14,8 @@ import logging
 import os
 import resource
 import shlex
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -254,8 +256,18 @@ def train(
     server_url: Annotated[Optional[str], typer.Option(
         help="vllm-server: a vLLM server you run (VLLM_SERVER_DEV_MODE=1, --logprobs-mode "
              "processed_logprobs) that can read --run-dir, e.g. http://host:8000/v1")] = None,
+    env_workers: Annotated[str, typer.Option(
+        help="sync: envs in this process | ray: envs in Ray actors, each with its own sandbox "
+             "(pip install tir-gym[ray])")] = "sync",
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="with --env-workers ray: the cluster to join (e.g. auto); default: a local one")] = None,
+    envs_per_actor: Annotated[int, typer.Option(
+        min=1, help="with --env-workers ray: envs sharing one actor and its sandbox")] = 1,
     main_job_defaults: Annotated[bool, typer.Option(help="CPU-sized defaults")] = True,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        min=1, help="data-parallel training processes on this machine (torchrun --standalone); "
+                    "each rolls out and trains prompts_per_iteration / N prompts")] = None,
     progress: bool = True,
     verbose: bool = False,
 ) -> None:
@@ -268,6 +280,7 @@ def train(
     """
     _setup(verbose, threads)
     import algos
+    from algos.distributed import launched_ranks
     from algos.evaluation import heldout_problems, problem_source
     from algos.generation.base import GenerationError
     from algos.generation.server import ServerStartError
@@ -298,12 +311,25 @@ def train(
     run_dir = run_dir or Path("runs") / f"{algo}-{env}"
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise typer.BadParameter(f"{run_dir} exists; pass --resume to continue it or another --run-dir")
+    if server is not None and max(nproc or 1, launched_ranks()) > 1:
+        raise typer.BadParameter("--backend vllm-server serves one training process; with "
+                                 "several, every rank would reload the same server")
+    ranks = start_ranks(nproc, algo_config)
     env_kwargs: dict[str, Any] = {"data_dir": str(data_dir)} if data_dir else {}
+    if env_workers not in ("sync", "ray"):
+        raise typer.BadParameter(f"--env-workers must be sync or ray, got {env_workers!r}")
+    if env_workers != "ray" and (ray_address or envs_per_actor != 1):
+        raise typer.BadParameter("--ray-address and --envs-per-actor need --env-workers ray")
+    if env_workers == "ray":
+        ray_init = {"address": ray_address} if ray_address else {}
+        env_kwargs.update(env_workers="ray",
+                          ray_options={"envs_per_actor": envs_per_actor, "ray_init": ray_init})
     heldout: Optional[list[str]] = None
     if warm_config is not None:
-        from algos.warmup import TrainProblems, heldout_ids
+        from algos.warmup import heldout_ids
+        from tir_envs.procedural import ProceduralProblems
 
-        env_kwargs.update(problems=TrainProblems(warm_config.kinds),
+        env_kwargs.update(problems=ProceduralProblems(warm_config.kinds),
                           system_prompt=warm_config.system_prompt)
         per_kind = -(-eval_problems // len(warm_config.kinds))
         heldout = heldout_ids(warm_config.kinds, per_kind, eval_split)[:eval_problems]
@@ -319,7 +345,8 @@ def train(
         trainable = (train_top_layers(policy, min(train_layers, blocks))
                      if train_layers and blocks > train_layers else None)
         agent = algos.make(algo, policy, env, algo_config, tokenizer=tokenizer, rollout=rollout,
-                           run_dir=run_dir, env_kwargs=env_kwargs)
+                           run_dir=run_dir, env_kwargs=env_kwargs,
+                           accelerator=ranks.accelerator)
         # last: a server started here is stopped only by the `with` below
         generator = (server.generator(policy, tokenizer, run_dir / "server-weights")
                      if server else None)
@@ -327,11 +354,13 @@ def train(
         raise typer.BadParameter(str(exc)) from None
     if generator is not None:
         agent.generator = generator
+    main = ranks.is_main
     run_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"algo": algo, "env": env, "model": model,
                               "config": algo_config.to_dict(),
                               "rollout": dataclasses.asdict(rollout),
-                              "trainable_parameters": trainable}
+                              "trainable_parameters": trainable, "env_workers": env_workers,
+                              "processes": ranks.world}
     with agent, generator or contextlib.nullcontext():
         if heldout is None and eval_problems:
             heldout = heldout_problems(problem_source(agent.vec_env()), eval_problems)
@@ -347,33 +376,38 @@ def train(
             return result
 
         evals: dict[str, dict] = {}
-        if eval_problems:
+        if eval_problems and main:
             evals["before"] = _cached_eval(run_dir / "eval_before.json",
                                            lambda: timed_eval("before"))
         if warm_config is not None:
             from algos.warmup import warm_up
 
             t0 = time.perf_counter()
-            if not warm_ready:
+            if not warm_ready and main:
                 typer.echo(f"warm-up: {warm_config.traces} traces x {warm_config.epochs} epochs")
             try:
-                warm_dir = warm_up(agent.policy, agent.tokenizer, warm_config, warm_root)
+                with ranks.main_first():  # the others reuse rank 0's warm-up checkpoint
+                    warm_dir = warm_up(agent.policy, agent.tokenizer, warm_config, warm_root)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc)) from None
-            if warm_ready:  # made by an earlier (killed) run: load it
+            if warm_ready or not main:  # made by an earlier (killed) run or by rank 0: load it
                 agent.load_weights(warm_dir)
             agent.generator.update_weights(agent.policy)
             phases["warmup_s"] = round(time.perf_counter() - t0, 1)
             report["warmup"] = json.loads((warm_root / "warmup.json").read_text())
-            if eval_problems:
+            if eval_problems and main:
                 evals["after_warmup"] = _cached_eval(run_dir / "eval_after_warmup.json",
                                                      lambda: timed_eval("after_warmup"))
         resumed = resume and agent.resume()
-        typer.echo(f"training {algo} for {iterations} iterations" +
-                   (f" (resumed at {agent.iteration})" if resumed else ""))
+        if main:
+            typer.echo(f"training {algo} for {iterations} iterations" +
+                       (f" (resumed at {agent.iteration})" if resumed else "") +
+                       (f" on {ranks.world} processes" if ranks.world > 1 else ""))
         t0 = time.perf_counter()
         agent.learn(iterations, progress=progress)
         phases["rl_s"] = round(time.perf_counter() - t0, 1)
+        if not main:
+            return
         final = agent.save(run_dir / "final")
         if eval_problems:
             evals["after"] = timed_eval("after")
@@ -414,6 +448,31 @@ def rollout_server(backend: str, vllm_python: Optional[Path], vllm_args: Optiona
         return RolloutServer(vllm_python, tuple(shlex.split(vllm_args or "")), server_url)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+def start_ranks(nproc: Optional[int], config):
+    """This process's view of the run's processes. With ``--nproc N`` outside a launcher, run
+    this same command line in N processes under torchrun and exit with its status."""
+    from algos.distributed import (
+        Ranks,
+        check_split,
+        launched_ranks,
+        make_accelerator,
+        torchrun_command,
+    )
+
+    launched = launched_ranks()
+    if nproc is not None and launched > 1 and nproc != launched:
+        raise typer.BadParameter(f"--nproc {nproc}, but the launcher started {launched} processes")
+    try:
+        check_split(config, max(launched, nproc or 1))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if launched == 1 and nproc is not None and nproc > 1:
+        raise typer.Exit(subprocess.call(torchrun_command(nproc, sys.argv[1:])))
+    ranks = Ranks(make_accelerator())
+    ranks.barrier()  # every rank has checked the run dir before rank 0 writes in it
+    return ranks
 
 
 def evaluation_report(evals: dict[str, dict]) -> dict[str, Any]:
@@ -524,16 +583,25 @@ def leaderboard(
         help="comma list (default: gsm8k,svamp,math500,aime24,amc23, the shipped five)")] = None,
     limit: Annotated[Optional[str], typer.Option(
         help="first N problems of each benchmark, or gsm8k=200,math500=100 (default: all)")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="per problem; pass@k uses k=samples")] = 1,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    max_turns: Annotated[int, typer.Option(min=1)] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="per turn")] = 256,
+    protocol: Annotated[Optional[str], typer.Option(
+        help="a named protocol whose settings the options below override: "
+             "qwen25-math-tir (greedy pass@1, 4 calls x 2048 tokens) or tir-gym-cpu")] = None,
+    samples: Annotated[Optional[int], typer.Option(
+        min=1, help="per problem; pass@k uses k=samples [default: 1]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        min=0.0, help="0 = greedy [default: 0]")] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="[default: 1]")] = None,
+    max_turns: Annotated[Optional[int], typer.Option(min=1, help="[default: 4]")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="per turn [default: 256]")] = None,
     max_total_tokens: Annotated[Optional[int], typer.Option(
         help="per episode (default: max(2048, 2 x max-new-tokens))")] = None,
     batch: Annotated[int, typer.Option(min=1, help="episodes rolled out together")] = 8,
-    seed: int = 0,
+    seed: Annotated[Optional[int], typer.Option(help="[default: 0]")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
+    merge: Annotated[list[Path], typer.Option(
+        help="a leaderboard dir from another machine or run (same protocol) to merge in; "
+             "repeatable")] = [],  # noqa: B006
     out: Annotated[Path, typer.Option(help="results dir; rerun to resume")] = Path("leaderboard"),
     title: str = "TIR leaderboard",
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
@@ -557,18 +625,22 @@ def leaderboard(
         if endpoint:
             specs.append(ModelSpec.for_endpoint(endpoint, endpoint_model,
                                                 tokenizer=endpoint_tokenizer))
-        config = LeaderboardConfig(
-            benchmarks=tuple(benchmarks.split(",")) if benchmarks else DEFAULT_BENCHMARKS,
-            limit=parse_limit(limit), samples=samples,
-            temperature=temperature, top_p=top_p, max_turns=max_turns,
-            max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, batch=batch,
-            seed=seed, data_dir=str(data_dir) if data_dir else None,
-        )
-    except ValueError as exc:
+        chosen = {"samples": samples, "temperature": temperature, "top_p": top_p,
+                  "max_turns": max_turns, "max_new_tokens": max_new_tokens,
+                  "max_total_tokens": max_total_tokens, "seed": seed}
+        settings = {
+            "benchmarks": tuple(benchmarks.split(",")) if benchmarks else DEFAULT_BENCHMARKS,
+            "limit": parse_limit(limit), "batch": batch,
+            "data_dir": str(data_dir) if data_dir else None,
+            **{k: v for k, v in chosen.items() if v is not None},
+        }
+        config = (LeaderboardConfig.from_preset(protocol, **settings) if protocol
+                  else LeaderboardConfig(**settings))
+    except (KeyError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     try:
         results = run_leaderboard(specs or [ModelSpec.parse(DEFAULT_MODEL)], config, out,
-                                  title=title)
+                                  title=title, merge=merge)
     except SetupError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo((out / "leaderboard.md").read_text())
@@ -618,3 +690,7 @@ def data_check(
         problem = problems[index]
         typer.echo(f"  {index:>5}  {problem.id:<36} {problem.answer[:24]:<24} "
                    f"{problem.question[:60]!r}")
+
+
+if __name__ == "__main__":  # torchrun runs `python -m algos.cli`
+    app()

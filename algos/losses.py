@@ -30,19 +30,23 @@ class LossOutput(NamedTuple):
     """Detached scalars, token means over the mask: what the update did."""
 
 
-def aggregation_count(mask: Tensor, mode: str) -> Tensor:
-    """What ``aggregate`` divides by in ``mode`` (before ``constant``): the masked tokens
-    (token_mean), the sequences with any masked token (seq_mean) or the rows (constant); at
-    least 1. A minibatch split into micro-batches passes its own count as ``denominator``."""
+def aggregation_total(mask: Tensor, mode: str) -> Tensor:
+    """What ``aggregate`` counts in ``mode``: the masked tokens (token_mean), the sequences with
+    any masked token (seq_mean) or the rows (constant); 0 for an empty mask. Totals of parts of
+    a minibatch (micro-batches, ranks) add up to the minibatch's."""
     if mode == "token_mean":
-        count = mask.sum()
-    elif mode == "seq_mean":
-        count = (mask.sum(1) > 0).sum()
-    elif mode == "constant":
-        count = torch.tensor(mask.shape[0])
-    else:
-        raise ValueError(f"unknown loss aggregation {mode!r}")
-    return count.clamp(min=1)
+        return mask.sum()
+    if mode == "seq_mean":
+        return (mask.sum(1) > 0).sum()
+    if mode == "constant":
+        return torch.tensor(mask.shape[0])
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def aggregation_count(mask: Tensor, mode: str) -> Tensor:
+    """What ``aggregate`` divides by in ``mode`` (before ``constant``): :func:`aggregation_total`,
+    at least 1. A minibatch split into micro-batches passes its own count as ``denominator``."""
+    return aggregation_total(mask, mode).clamp(min=1)
 
 
 def aggregate(

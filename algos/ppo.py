@@ -34,7 +34,8 @@ class PPO(Agent):
     ) -> tuple[Tensor, Tensor]:
         """Values at every position; logits only where ``loss_mask`` needs them (all when None)."""
         keep = logits_needed(loss_mask) if loss_mask is not None else 0
-        logits, hidden_values = self.trainable(input_ids, attention_mask, logits_to_keep=keep)
+        logits, hidden_values = self.parallel_model(input_ids, attention_mask,
+                                                    logits_to_keep=keep)
         return logits, values_before_tokens(hidden_values)
 
     @torch.no_grad()

@@ -138,24 +138,35 @@ def make_vec_env(
     env_id: str, num_envs: int, tokenizer, rollout: RolloutConfig,
     env_kwargs: dict[str, Any] | None = None,
 ):
-    """A ``SyncVectorEnv`` of ``num_envs`` copies of ``env_id`` sharing one sandbox.
+    """A vector env of ``num_envs`` copies of ``env_id``.
 
     Envs render prompts with ``tokenizer``'s chat template and end episodes after
-    ``rollout.max_turns`` turns. Returns ``(vec_env, sandbox)``; the caller closes both.
+    ``rollout.max_turns`` turns. ``env_kwargs`` are ``gymnasium.make`` arguments plus
+    ``sandbox_backend``/``sandbox_kwargs`` and ``env_workers``: ``"sync"`` (default) steps the
+    envs in this process, all sharing one sandbox; ``"ray"`` puts them in Ray actors, each with
+    its own sandbox (``tir_envs.integrations.ray.RayVectorEnv``; ``ray_options`` are its keyword
+    arguments, e.g. ``{"envs_per_actor": 4, "ray_init": {"address": "auto"}}``). Returns
+    ``(vec_env, sandbox)`` (``sandbox`` is ``None`` under Ray); the caller closes both.
     """
     import gymnasium
 
     from tir_envs.sandbox import make_sandbox
 
     kwargs = dict(env_kwargs or {})
-    sandbox = make_sandbox(kwargs.pop("sandbox_backend", "local"), **kwargs.pop("sandbox_kwargs", {}))
-    kwargs = {
-        "tokenizer": tokenizer,
-        "sandbox": sandbox,
-        "max_turns": rollout.max_turns,
-        "max_episode_steps": rollout.max_turns,
-        **kwargs,
-    }
+    workers = kwargs.pop("env_workers", "sync")
+    ray_options = kwargs.pop("ray_options", {})
+    backend, sandbox_kwargs = kwargs.pop("sandbox_backend", "local"), kwargs.pop("sandbox_kwargs", {})
+    kwargs = {"tokenizer": tokenizer, "max_turns": rollout.max_turns,
+              "max_episode_steps": rollout.max_turns, **kwargs}
+    if workers == "ray":
+        from tir_envs.integrations.ray import RayVectorEnv
+
+        return RayVectorEnv(env_id, num_envs, sandbox_backend=backend,
+                            sandbox_kwargs=sandbox_kwargs, **ray_options, **kwargs), None
+    if workers != "sync":
+        raise ValueError(f"env_workers must be 'sync' or 'ray', got {workers!r}")
+    sandbox = make_sandbox(backend, **sandbox_kwargs)
+    kwargs = {"sandbox": sandbox, **kwargs}
     try:
         vec_env = gymnasium.vector.SyncVectorEnv(
             [lambda: gymnasium.make(env_id, **kwargs)] * num_envs

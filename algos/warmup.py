@@ -16,7 +16,7 @@ different turns: guessing is turn 1's, copying the output into the box is turn 2
 
 Splits: held-out test problems are ``proc/<kind>/<seed>`` with seed < ``VALIDATION_SEEDS``, a
 validation split (for tuning) uses seeds in ``[VALIDATION_SEEDS, HELDOUT_SEEDS)``, and warm-up
-traces and RL training draw seeds >= ``HELDOUT_SEEDS`` (``TrainProblems``).
+traces and RL training draw seeds >= ``HELDOUT_SEEDS`` (``ProceduralProblems.sample``).
 
 Determinism: the same ``WarmupConfig`` on the same machine rebuilds a bit-identical checkpoint
 (seeded traces and shuffles, a fixed torch thread count, ``torch.use_deterministic_algorithms``);
@@ -45,15 +45,14 @@ import torch
 
 import tir_envs  # noqa: F401  (registers the env ids)
 from algos.rollout import prompt_token_ids
-from tir_envs.procedural import ProceduralProblems, from_id
+from tir_envs.procedural import HELDOUT_SEEDS, ProceduralProblems
 from tir_envs.sandbox import make_sandbox
 
 logger = logging.getLogger(__name__)
 
-HELDOUT_SEEDS = 1000
-"""Seeds below this are never trained on: ``[0, VALIDATION_SEEDS)`` test, the rest validation."""
 VALIDATION_SEEDS = 500
-"""First seed of the validation split (tuning happens there, never on the test problems)."""
+"""First seed of the validation split (tuning happens there, never on the test problems): the
+held-out seeds below ``HELDOUT_SEEDS`` split into ``[0, VALIDATION_SEEDS)`` test and the rest."""
 
 SYSTEM_PROMPT = "Solve the problem with Python, then give the answer in \\boxed{}."
 """A one-line system prompt: the env's default is ~200 tokens, and on a CPU sequence length is
@@ -144,21 +143,6 @@ class WarmupConfig:
         return data
 
 
-class TrainProblems(ProceduralProblems):
-    """Procedural problems of ``kinds`` drawn only from seeds >= ``min_seed``."""
-
-    def __init__(self, kinds: Sequence[str], min_seed: int = HELDOUT_SEEDS):
-        super().__init__(kinds)
-        self.min_seed = min_seed
-
-    def sample(self, np_random: np.random.Generator):
-        kind = self.kinds[int(np_random.integers(len(self.kinds)))]
-        return from_id(f"proc/{kind}/{int(np_random.integers(self.min_seed, 2**31))}")
-
-    def __repr__(self) -> str:
-        return f"TrainProblems(kinds={list(self.kinds)}, min_seed={self.min_seed})"
-
-
 def heldout_ids(kinds: Sequence[str], per_kind: int, split: str = "test") -> list[str]:
     """Fixed held-out problems, ``per_kind`` of each kind: seeds from 0 (``test``) or from
     ``VALIDATION_SEEDS`` (``validation``); the two never overlap and training never draws either."""
@@ -188,7 +172,7 @@ def make_traces(
     """
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
-    source = TrainProblems(kinds, min_seed)
+    source = ProceduralProblems(kinds, min_seed)
     counts = {"correct_code": 0, "wrong_code": 0, "guess": 0, "correct": 0}
     traces = []
     with make_sandbox("local") as sandbox:

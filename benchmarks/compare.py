@@ -50,8 +50,8 @@ from algos.warmup import heldout_ids  # noqa: E402
 from benchmarks.warmup import (  # noqa: E402
     KINDS,
     SYSTEM_PROMPT,
-    TrainProblems,
     WarmupConfig,
+    train_problems,
     warmup_checkpoint,
 )
 
@@ -231,8 +231,10 @@ def score(curve: list[dict], budget: Budget) -> dict:
     }
 
 
-def train_run(run: Run, checkpoint: str, out: str, budget: Budget, threads: int) -> dict:
-    """One run from the warm-up checkpoint; its record is written to ``runs/``."""
+def train_run(run: Run, checkpoint: str, out: str, budget: Budget, threads: int,
+              model_dir: str | None = None) -> dict:
+    """One run from the warm-up checkpoint; its record is written to ``runs/``, or, when
+    ``model_dir`` is given, beside the final model saved there (a rerun of a finished run)."""
     import torch
 
     import algos
@@ -247,7 +249,7 @@ def train_run(run: Run, checkpoint: str, out: str, budget: Budget, threads: int)
     algo = METHODS[run.method][0]
     config = budget.config(run.method, run.seed, run.lr)
     with algos.make(algo, checkpoint, "TIR-Math-v0", config, rollout=rollout,
-                    env_kwargs={"problems": TrainProblems(), "system_prompt": SYSTEM_PROMPT}) as agent:
+                    env_kwargs={"problems": train_problems(), "system_prompt": SYSTEM_PROMPT}) as agent:
         curve = [{"iteration": 0, **start_eval(agent, out_dir, run.seed, budget, run.split)}]
         train = []
         points = set(budget.eval_at)
@@ -260,13 +262,15 @@ def train_run(run: Run, checkpoint: str, out: str, budget: Budget, threads: int)
                 logger.info("%s %s lr %g seed %d iteration %d: %s pass@1 %.3f", run.phase,
                             run.method, run.lr, run.seed, iteration, run.split,
                             curve[-1]["pass@1"])
+        if model_dir is not None:
+            agent.save(model_dir)
     record = {
         **dataclasses.asdict(run), "algo": algo, "split": run.split, "budget": budget.run_key(),
         "config": config.to_dict(), "curve": curve, "train": train, **score(curve, budget),
         "start": curve[0]["pass@1"], "seconds": time.perf_counter() - started,
         "load_average_1min_end": os.getloadavg()[0],
     }
-    write_json(run.path(out_dir), record)
+    write_json(Path(model_dir) / "run.json" if model_dir else run.path(out_dir), record)
     return record
 
 
@@ -311,6 +315,31 @@ def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: 
         for future in concurrent.futures.as_completed(futures):
             done(futures[future], future.result())
     return records
+
+
+def save_best_models(runs: dict[str, dict[int, dict]], checkpoint: Path, out: Path,
+                     budget: Budget, models: Path, threads: int) -> dict[str, dict]:
+    """Rerun each base algorithm's best-scoring seed and save its final model (for the
+    leaderboard) under ``models/<method>/seed<k>``. Runs are deterministic, so the rerun must
+    score exactly what the record says; a rerun that does not is reported, never hidden."""
+    saved = {}
+    for method in (m for m in BASE if m in runs):
+        seed, record = max(runs[method].items(), key=lambda item: item[1]["final"])
+        target = models / method / f"seed{seed}"
+        rerun_path = target / "run.json"
+        if rerun_path.is_file():
+            rerun = json.loads(rerun_path.read_text())
+        else:
+            run = Run("main", method, seed, record["lr"])
+            rerun = train_run(run, str(checkpoint), str(out), budget, threads, str(target))
+        saved[method] = {"seed": seed, "model": str(target), "final": record["final"],
+                         "rerun_final": rerun["final"],
+                         "reproduced": rerun["curve"] == record["curve"]}
+        log = logger.info if saved[method]["reproduced"] else logger.error
+        log("%s seed %d: recorded score %.4f, rerun %.4f (%s) -> %s", method, seed,
+            record["final"], rerun["final"],
+            "identical curve" if saved[method]["reproduced"] else "DID NOT REPRODUCE", target)
+    return saved
 
 
 def sweep_runs(budget: Budget, algos: list[str]) -> list[Run]:
@@ -464,7 +493,7 @@ def write_markdown(path: Path, results: dict, title: str) -> None:
             f"{100 * row['below_start']:.0f}% | {100 * row['code_error_rate']:.1f}% | {per_seed} |")
     lines += ["", "Accuracies in %.", "", f"**{results['verdict']}**", "",
               "Paired differences (same seeds): every method against GRPO, each GTPO variant "
-              "against GTPO:", ""]
+              "against GTPO, and GTPO against GRPO on the same reward (grpo-penalty):", ""]
     for name, diff in results["paired"].items():
         if diff is not None and diff["ci95"][0] is not None:
             lines.append(f"- {name}: {100 * diff['mean']:+.1f} points, 95% CI "
@@ -537,6 +566,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="write the report from the runs finished so far; run nothing")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs in parallel, one process each (default 2: one per core)")
+    parser.add_argument("--save-best-models", type=Path, metavar="DIR",
+                        help="after the report, rerun the best seed of GTPO, GRPO and PPO and "
+                        "save its final model under DIR (checked to reproduce its score)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (1: OpenMP threads thrash on a shared machine)")
     args = parser.parse_args(argv)
@@ -575,11 +607,14 @@ def main(argv: list[str] | None = None) -> dict:
             runs.setdefault(run.method, {})[run.seed] = record
         runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
     summary = summarize(runs)
-    # Every method against GRPO (the paper's question), and each GTPO variant against GTPO (what
-    # the ablation or stabiliser changes).
+    # Every method against GRPO (the paper's question), each GTPO variant against GTPO (what the
+    # ablation or stabiliser changes), and GTPO against GRPO on GTPO's own reward (the summed
+    # format penalty): what the turn-level credit adds when the reward is the same.
     paired = {f"{a} - grpo": paired_difference(runs, a, "grpo") for a in runs if a != "grpo"}
     paired.update({f"{a} - gtpo": paired_difference(runs, a, "gtpo") for a in runs
                    if a != "gtpo" and METHODS[a][0] == "gtpo"})
+    if "gtpo" in runs and "grpo-penalty" in runs:
+        paired["gtpo - grpo-penalty"] = paired_difference(runs, "gtpo", "grpo-penalty")
     results = {
         "title": title,
         "budget": dataclasses.asdict(budget),
@@ -604,6 +639,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot(out / "curves.png", summary, title)
     print((out / "compare.md").read_text())
     logger.info("wrote %s", out)
+    if args.save_best_models:
+        results["best_models"] = save_best_models(runs, checkpoint, out, budget,
+                                                  args.save_best_models, args.threads)
     return results
 
 

@@ -38,20 +38,17 @@ from algos.models import DEFAULT_MODEL
 
 logger = logging.getLogger("benchmarks.run_leaderboard")
 
+PRESET = "tir-gym-cpu"
+"""The committed protocol (``algos.evaluation.leaderboard.PROTOCOLS``): 2 samples at temperature
+0.6, 3 turns of 192 tokens, the main job's scale."""
 COMMITTED = {
-    "benchmarks": DEFAULT_BENCHMARKS,
-    # Stated subsets sized for one session on 2 shared CPU cores (4 models x 128 episodes): the
-    # first 16 problems of GSM8K (of 1,319), SVAMP (of 1,000) and MATH-500, the first 8 of AIME24
-    # (of 30) and AMC23 (of 40), 2 samples each. The budgets match the main job's scale (3 turns);
-    # 192 tokens a turn leaves room for a short solution and its code. Raising a limit or the
-    # samples later resumes: samples already made are kept.
-    "limit": {"gsm8k": 16, "svamp": 16, "math500": 16, "aime24": 8, "amc23": 8},
-    "samples": 2,
-    "temperature": 0.6,
-    "max_turns": 3,
-    "max_new_tokens": 192,
-    "max_total_tokens": 2048,
-    "seed": 0,
+    "benchmarks": ("tir_math_test", *DEFAULT_BENCHMARKS),
+    # Stated subsets sized for one session on 2 shared CPU cores: the first 64 problems of the
+    # pinned procedural test set (4 of each of its 16 kinds), the first 16 of GSM8K (of 1,319),
+    # SVAMP (of 1,000) and MATH-500, the first 8 of AIME24 (of 30) and AMC23 (of 40), 2 samples
+    # each. Raising a limit or the samples later resumes: samples already made are kept.
+    "limit": {"tir_math_test": 64, "gsm8k": 16, "svamp": 16, "math500": 16, "aime24": 8,
+              "amc23": 8},
 }
 SMOKE = {
     "benchmarks": ("gsm8k", "svamp"),
@@ -76,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", help="override the subsets: N or gsm8k=200,math500=100")
     parser.add_argument("--benchmarks", help="override: comma list")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="a leaderboard dir from another machine or run to merge in")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--batch", type=int, default=16, help="episodes rolled out together")
     parser.add_argument("--threads", type=int, default=1,
@@ -90,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
         settings["limit"] = parse_limit(args.limit)
     if args.benchmarks:
         settings["benchmarks"] = tuple(args.benchmarks.split(","))
-    config = LeaderboardConfig(**settings, batch=args.batch, data_dir=str(args.data_dir))
+    settings.update(batch=args.batch, data_dir=str(args.data_dir))
+    config = (LeaderboardConfig(**settings) if args.smoke
+              else LeaderboardConfig.from_preset(PRESET, **settings))
     models = [] if args.no_default_model else [ModelSpec.parse(DEFAULT_MODEL)]
     models += [ModelSpec.parse(c) for c in args.checkpoints]
     if args.out:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         out = ROOT / "benchmarks" / "results" / "leaderboard"
     title = "TIR leaderboard (smoke run: not a result)" if args.smoke else "TIR leaderboard"
-    results = run_leaderboard(models, config, out, title=title)
+    results = run_leaderboard(models, config, out, title=title, merge=args.merge)
     logger.info("wrote %s\n%s", out, (out / "leaderboard.md").read_text())
     return results
 

@@ -19,7 +19,7 @@ and a few one-turn guesses with no tool call (a format penalty, almost always wr
 live in different turns: guessing is turn 1's, copying the output into the box is turn 2's.
 
 Held-out problems use seeds below ``HELDOUT_SEEDS``; warm-up traces and RL training draw seeds
-at or above it (``TrainProblems``), so no held-out problem is ever trained on.
+at or above it (``train_problems``), so no held-out problem is ever trained on.
 
 Trace making, the supervised loop and the checkpoint cache are ``algos.warmup``'s (the main job's
 cold start uses them too); this module keeps the comparison's task, its tiny model and its names.
@@ -37,12 +37,13 @@ from pathlib import Path
 from algos import warmup as lib
 from algos.tiny import tiny_model, tiny_tokenizer
 from algos.warmup import ANSWER_TURN, HELDOUT_SEEDS, RECORD, SYSTEM_PROMPT, TOOL_TURN, TraceMix
+from tir_envs.procedural import ProceduralProblems
 
 logger = logging.getLogger("benchmarks.warmup")
 
 __all__ = [
     "ANSWER_TURN", "HELDOUT_SEEDS", "KINDS", "RECORD", "SYSTEM_PROMPT", "TOOL_TURN", "TRACE_MIX",
-    "WRONG", "ModelShape", "TraceMix", "TrainProblems", "WarmupConfig", "heldout_ids",
+    "WRONG", "ModelShape", "TraceMix", "train_problems", "WarmupConfig", "heldout_ids",
     "make_traces", "supervised", "warmup_checkpoint", "wrong_solver",
 ]
 
@@ -78,11 +79,9 @@ class WarmupConfig:
     """torch threads of the supervised loop: part of what makes the weights reproducible."""
 
 
-class TrainProblems(lib.TrainProblems):
-    """Procedural problems of ``KINDS`` drawn only from seeds >= ``HELDOUT_SEEDS``."""
-
-    def __init__(self):
-        super().__init__(KINDS, HELDOUT_SEEDS)
+def train_problems() -> ProceduralProblems:
+    """Procedural problems of ``KINDS``, drawn only from seeds >= ``HELDOUT_SEEDS``."""
+    return ProceduralProblems(KINDS, HELDOUT_SEEDS)
 
 
 def heldout_ids(per_kind: int) -> list[str]:

@@ -7,6 +7,7 @@ green by skipping the tests that matter.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,14 @@ def sample_benchmarks_dir(tmp_path_factory) -> Path:
         lines = "".join(json.dumps(record) + "\n" for record in records)
         (root / name / "test.jsonl").write_text(lines, encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="module")
+def host_listener():
+    """A TCP port open on the host's loopback: the code must not be able to reach it."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    yield server
+    server.close()

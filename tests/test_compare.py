@@ -31,9 +31,9 @@ def test_wrong_variants_change_every_solver():
 def test_heldout_is_disjoint_from_training():
     import numpy as np
 
-    from benchmarks.warmup import HELDOUT_SEEDS, TrainProblems
+    from benchmarks.warmup import HELDOUT_SEEDS, train_problems
 
-    source, rng = TrainProblems(), np.random.default_rng(0)
+    source, rng = train_problems(), np.random.default_rng(0)
     drawn = {source.sample(rng).id for _ in range(500)}
     assert all(int(pid.rsplit("/", 1)[1]) >= HELDOUT_SEEDS for pid in drawn)
     assert not drawn & set(heldout_ids(50))
@@ -97,10 +97,18 @@ def test_smoke_run_sweeps_then_compares_writes_report_and_resumes(tmp_path):
     runs = sorted((tmp_path / "runs").rglob("*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in runs}
     warmup = (tmp_path / "warmup" / "warmup.json").stat().st_mtime_ns
-    again = compare.main(argv)
+    again = compare.main(argv + ["--save-best-models", str(tmp_path / "models")])
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps
     assert (tmp_path / "warmup" / "warmup.json").stat().st_mtime_ns == warmup
     assert again["runs"] == results["runs"]
+    # The best seed of each algorithm, rerun for its model, retraces its recorded curve exactly.
+    best = again["best_models"]
+    assert set(best) == {"gtpo", "grpo"}
+    for method, entry in best.items():
+        scores = {int(s): r["final"] for s, r in saved["runs"][method].items()}
+        assert scores[entry["seed"]] == max(scores.values())
+        assert entry["reproduced"] and entry["rerun_final"] == entry["final"]
+        assert (Path(entry["model"]) / "config.json").is_file()
 
     # More seeds later reuse these runs; another budget or warm-up in the same dir is refused.
     main_run = tmp_path / "runs" / "main" / "gtpo" / "seed0.json"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import types
 
+import gymnasium as gym
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +27,7 @@ from tir_envs.data import (
     suspect_gold,
 )
 from tir_envs.grading import grade
+from tir_envs.procedural import HELDOUT_SEEDS, TEST_KINDS, ProceduralProblems
 
 
 def write_jsonl(path, records):
@@ -336,7 +339,29 @@ def test_problems_are_hashable_despite_meta():
 
 
 def test_every_benchmark_has_a_real_file_or_real_records():
-    assert set(BENCHMARKS.names()) == set(EXPECTED) | set(REAL_RECORDS)
+    read = {name for name in BENCHMARKS.names() if BENCHMARKS.get(name).build is None}
+    assert read == set(EXPECTED) | set(REAL_RECORDS)
+
+
+def test_the_procedural_test_set_is_pinned_and_never_trained_on():
+    """``TIR-Math-Test-v0``: the same 128 problems on every machine (a generator that drifts
+    changes the digest), every kind in each block of 16, and seeds no training source draws."""
+    problems = load_benchmark("tir_math_test")
+    rows = [[p.id, p.question, p.answer] for p in problems]
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    assert digest == "c0742dcf0dfa26f8c7871572cd6df52b183e7f7c1dd519d79933bd471d355414"
+    assert len({p.id for p in problems}) == len(problems) == 128
+    for block in range(0, 128, 16):
+        assert {p.meta["kind"] for p in problems[block : block + 16]} == set(TEST_KINDS)
+    assert max(p.meta["seed"] for p in problems) < HELDOUT_SEEDS
+    rng = np.random.default_rng(0)
+    drawn = [ProceduralProblems().sample(rng) for _ in range(2000)]
+    assert min(p.meta["seed"] for p in drawn) >= HELDOUT_SEEDS
+
+    env = gym.make("TIR-Math-Test-v0")
+    _, info = env.reset(seed=3)
+    assert info["problem_id"] in {p.id for p in problems}
+    env.close()
 
 
 def test_body_and_question_are_joined_in_any_letter_case(tmp_path):

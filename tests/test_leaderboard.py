@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from algos.cli import app
 from algos.evaluation.leaderboard import (
+    QWEN_TIR_SYSTEM_PROMPT,
     RECORDS_FILE,
     LeaderboardConfig,
     ModelSpec,
@@ -315,6 +316,69 @@ def test_a_label_cannot_change_its_model(benchmarks_dir, reference, tmp_path):
     with pytest.raises(SetupError, match="label 'tiny'.*another label"):
         run_leaderboard([ModelSpec("tiny", "other/model")], _tiny_config(benchmarks_dir),
                         tmp_path, load=_no_model)
+
+
+# ------------------------------------------------------------------------------ presets, merging
+
+
+def test_a_named_protocol_is_applied_and_recorded(benchmarks_dir, tmp_path):
+    config = LeaderboardConfig.from_preset("qwen25-math-tir", benchmarks=("svamp",))
+    assert (config.samples, config.temperature, config.max_turns, config.max_new_tokens) == (
+        1, 0.0, 4, 2048)
+    assert config.preset == "qwen25-math-tir"
+    protocol = config.protocol()
+    assert protocol["preset"] == "qwen25-math-tir"
+    assert protocol["system_prompt"] == QWEN_TIR_SYSTEM_PROMPT
+    changed = LeaderboardConfig.from_preset("qwen25-math-tir", max_new_tokens=256, batch=4)
+    assert changed.preset == "qwen25-math-tir, modified: max_new_tokens"  # batch is not protocol
+    with pytest.raises(ValueError, match="unknown protocol preset 'qwen'"):
+        LeaderboardConfig.from_preset("qwen")
+    # The CLI takes the name, and options on top of it are named as modifications.
+    result = CliRunner().invoke(app, [
+        "leaderboard", "--model", f"tiny={save_tiny(tmp_path / 'tiny')}", "--benchmarks",
+        "svamp", "--limit", "1", "--protocol", "qwen25-math-tir", "--max-new-tokens", "8",
+        "--data-dir", str(benchmarks_dir), "--out", str(tmp_path / "lb"),
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "lb" / "results.json").read_text())
+    assert results["protocol"]["preset"] == "qwen25-math-tir, modified: max_new_tokens"
+    assert results["protocol"]["temperature"] == 0.0 and results["protocol"]["max_turns"] == 4
+
+
+def test_runs_from_several_machines_merge_into_one_table(benchmarks_dir, model, tokenizer,
+                                                         reference, tmp_path):
+    """A second machine evaluates another model (and a sample the first one has too) into its
+    own directory; merging adds its model and new records, keeps what was there, and counts
+    nothing twice when repeated. A directory made under another protocol is refused."""
+    other = tmp_path / "gpu-box"
+    run_leaderboard([ModelSpec("tiny", "tiny"), ModelSpec("other", "other")],
+                    _tiny_config(benchmarks_dir, limit=1), other,
+                    load=lambda spec: (HFGenerator(model, tokenizer), tokenizer))
+    here = tmp_path / "here"
+    shutil.copytree(reference, here)
+    before = load_records(here / RECORDS_FILE)
+    for _ in range(2):
+        results = run_leaderboard([ModelSpec("tiny", "tiny")], _tiny_config(benchmarks_dir),
+                                  here, load=_no_model, merge=[other])
+        merged = load_records(here / RECORDS_FILE)
+        assert len(_lines(here / RECORDS_FILE)) == len(merged) == len(before) + 2
+    assert {k: v for k, v in merged.items() if k[0] == "tiny"} == before
+    assert list(results["models"]) == ["tiny", "other"]
+    cell = results["results"]["other"]["benchmarks"]["svamp"]
+    assert cell["samples"] == 2 and not cell["complete"]  # 1 of the 4 problems was run there
+    assert len(results["sessions"]) == len(_read_lines_json(other / "sessions.jsonl")) + 3
+
+    stranger = tmp_path / "stranger"
+    run_leaderboard([ModelSpec("x", "x")], _tiny_config(benchmarks_dir, limit=1,
+                                                        max_new_tokens=5), stranger,
+                    load=lambda spec: (HFGenerator(model, tokenizer), tokenizer))
+    with pytest.raises(SetupError, match="stranger holds samples made under another protocol"):
+        run_leaderboard([ModelSpec("tiny", "tiny")], _tiny_config(benchmarks_dir), here,
+                        load=_no_model, merge=[stranger])
+
+
+def _read_lines_json(path):
+    return [json.loads(line) for line in _lines(path)]
 
 
 # ------------------------------------------------------------------------------ endpoint + CLI

@@ -101,6 +101,7 @@ def test_env_ids_are_derived_from_the_benchmark_registry():
         ("TIR-COLLEGE-MATH-v0", "college_math"),
         ("TIR-ASDIV-v0", "asdiv"),
         ("TIR-GSM-HARD-v0", "gsm_hard"),
+        ("TIR-Math-Test-v0", "tir_math_test"),
     ]
     assert [spec.env_id for _, spec in BENCHMARKS.items()] == list(tir_envs.ENV_IDS)[1:]
 

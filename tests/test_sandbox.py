@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import socket
 import textwrap
 import threading
 import time
@@ -520,17 +519,6 @@ HOSTILE = [
 ]
 HOST_WRITE_SPOTS = [Path("/"), Path("/etc"), Path("/usr"), Path("/tmp"), Path("/var/tmp"),
                     Path("/dev/shm"), PROJECT_ROOT, Path.home()]
-
-
-@pytest.fixture(scope="module")
-def host_listener():
-    """A TCP port open on the host's loopback: the code must not be able to reach it."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
 
 
 @pytest.mark.timeout(45)

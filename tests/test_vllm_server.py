@@ -255,6 +255,8 @@ def test_tir_train_on_a_server_it_is_given(gen, model, tok, tmp_path):
     (["--backend", "vllm-server", "--server-url", "h:1"], "http"),
     (["--backend", "vllm-server", "--vllm-python", "/nonexistent/python"], "/nonexistent/python"),
     (["--backend", "sglang"], "hf or vllm-server"),
+    (["--backend", "vllm-server", "--server-url", "http://h:1/v1", "--nproc", "2"],
+     "serves one training process"),
 ])
 def test_tir_train_refuses_a_bad_backend_before_any_work(tmp_path, flags, message):
     run_dir = tmp_path / "run"

@@ -28,7 +28,7 @@ def test_splits_are_disjoint_and_training_never_draws_them():
     assert not set(test) & set(validation)
     seeds = [int(i.rsplit("/", 1)[1]) for i in test + validation]
     assert max(seeds) < lib.HELDOUT_SEEDS
-    source = lib.TrainProblems(kinds)
+    source = lib.ProceduralProblems(kinds)
     rng = np.random.default_rng(0)
     drawn = [source.sample(rng) for _ in range(200)]
     assert all(p.meta["seed"] >= lib.HELDOUT_SEEDS for p in drawn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from gymnasium.envs import registration as gym_registration
 
+import tir_envs.procedural  # noqa: F401  (registers the pinned procedural test set)
 from tir_envs.data import BENCHMARKS
 
 DEFAULT_MAX_TURNS = 4

@@ -384,12 +384,16 @@ class BenchmarkSpec:
     hub_config: str | None = None
     hub_fields: FieldMap | None = None
     """Field mapping of the hub copy when it differs from the local file's."""
+    build: Callable[[], list[Problem]] | None = None
+    """A benchmark made in code (no file, no hub): ``load_benchmark`` returns what it builds."""
+    env_name: str | None = None
+    """The middle of its Gymnasium id when the name's upper case does not read well."""
 
     @property
     def env_id(self) -> str:
         """Its Gymnasium id: ``math500`` -> ``TIR-MATH500-v0``, ``gsm_hard`` -> ``TIR-GSM-HARD-v0``.
         """
-        return f"TIR-{self.name.upper().replace('_', '-')}-v0"
+        return f"TIR-{self.env_name or self.name.upper().replace('_', '-')}-v0"
 
 
 BENCHMARKS: Registry[BenchmarkSpec] = Registry("benchmark")
@@ -586,6 +590,8 @@ def load_benchmark(
             ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set).
     """
     spec = benchmark_spec(name)
+    if spec.build is not None:
+        return spec.build()
     if from_hub:
         return _load_from_hub(spec)
     directory = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)

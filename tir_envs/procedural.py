@@ -7,6 +7,10 @@ computed here in plain Python (exact integers and fractions), independently of t
 ``meta["solver"]`` snippet, a short program that prints the answer and that scripted oracle policies
 and tests run in the sandbox.
 
+Seeds below ``HELDOUT_SEEDS`` are held out: no training source draws them (``sample`` starts
+there), so evaluation sets built from them, such as ``test_set()`` behind ``TIR-Math-Test-v0``,
+are never trained on.
+
 >>> problems = ProceduralProblems()
 >>> problems.get("proc/modpow/7").id
 'proc/modpow/7'
@@ -22,10 +26,12 @@ from functools import lru_cache
 
 import numpy as np
 
-from tir_envs.data import Problem
+from tir_envs.data import BenchmarkSpec, FieldMap, Problem, register_benchmark
 from tir_envs.registry import Registry
 
 SOURCE = "procedural"
+HELDOUT_SEEDS = 1000
+"""Seeds below this are held out for evaluation; ``ProceduralProblems.sample`` never draws them."""
 _SIEVE_LIMIT = 1_100_000
 
 Generated = tuple[str, str, str]
@@ -334,15 +340,19 @@ class ProceduralProblems:
     """An endless problem source over some kinds (all by default).
 
     ``get`` takes an id (``"proc/<kind>/<seed>"``) or an index ``i``, which means kind
-    ``kinds[i % len(kinds)]`` with seed ``i // len(kinds)``; ``sample`` draws a kind and a seed from
-    the env's generator, so a seeded ``reset`` is reproducible.
+    ``kinds[i % len(kinds)]`` with seed ``i // len(kinds)``; ``sample`` draws a kind and a seed
+    ``>= min_seed`` from the env's generator, so a seeded ``reset`` is reproducible and training
+    never meets a held-out problem.
     """
 
-    def __init__(self, kinds: Sequence[str] | None = None):
+    def __init__(self, kinds: Sequence[str] | None = None, min_seed: int = HELDOUT_SEEDS):
         self.kinds = tuple(kinds) if kinds else tuple(KINDS)
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
             raise KeyError(f"unknown procedural kinds {unknown}; known: {sorted(KINDS)}")
+        if not 0 <= min_seed < 2**31:
+            raise ValueError(f"min_seed must be in [0, 2**31), got {min_seed}")
+        self.min_seed = min_seed
 
     def get(self, key: str | int) -> Problem:
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
@@ -357,10 +367,32 @@ class ProceduralProblems:
 
     def sample(self, np_random: np.random.Generator) -> Problem:
         kind = self.kinds[int(np_random.integers(len(self.kinds)))]
-        return generate(kind, int(np_random.integers(2**31)))
+        return generate(kind, int(np_random.integers(self.min_seed, 2**31)))
 
     def __repr__(self) -> str:
-        return f"ProceduralProblems(kinds={list(self.kinds)})"
+        return f"ProceduralProblems(kinds={list(self.kinds)}, min_seed={self.min_seed})"
+
+
+TEST_KINDS = (
+    "big_product", "modpow", "nth_prime", "prime_count", "digit_sum", "gcd_lcm", "linear_system",
+    "count_divisible", "binomial", "divisor_count", "totient", "crt", "fraction_sum",
+    "base_convert", "derangements", "partitions",
+)
+"""The kinds of the pinned test set: written out, so a kind added later does not change it."""
+TEST_SEEDS_PER_KIND = 8
+
+
+def test_set() -> list[Problem]:
+    """The pinned procedural test set (``TIR-Math-Test-v0``): seeds ``0..7`` of every kind in
+    ``TEST_KINDS``, seed-major, so its first ``16 k`` problems cover every kind ``k`` times.
+    All seeds are held out (below ``HELDOUT_SEEDS``): no training source ever draws them."""
+    return [generate(kind, seed) for seed in range(TEST_SEEDS_PER_KIND) for kind in TEST_KINDS]
+
+
+register_benchmark(BenchmarkSpec(
+    name="tir_math_test", file_stem="", hub_id="", hub_split="",
+    fields=FieldMap(("question",), "answer", "id"), build=test_set, env_name="Math-Test",
+))
 
 
 def oracle_turn(problem_id: str, observation: str) -> str:

@@ -12,6 +12,15 @@ twice. ``run.json`` pins the protocol, the model sources and a hash of each benc
 rerun that would mix incompatible samples fails instead. ``limit`` and ``samples`` may grow between
 runs (the first N problems by index and samples 0..K-1 stay the same keys).
 
+Merging: that key is a record's id on every machine, so leaderboard directories made elsewhere
+(another CPU box, a GPU run with a vLLM endpoint) under the same protocol and problem files merge
+into one table: ``run_leaderboard(..., merge=[other_dir])`` imports the records it lacks, and the
+models only those directories evaluated join the table without being loaded here.
+
+Protocols have names (``PROTOCOLS``): ``LeaderboardConfig.from_preset("qwen25-math-tir")`` takes the
+settings of the Qwen2.5-Math evaluation suite's tool-integrated runs, so a GPU run's numbers compare
+with published ones; the preset's name is recorded with the protocol.
+
 Outputs in ``out_dir``: ``results.json``, ``leaderboard.md``, ``leaderboard.png`` and a
 self-contained ``index.html`` (table and plot, the PNG embedded as base64).
 
@@ -21,6 +30,7 @@ self-contained ``index.html`` (table and plot, the PNG embedded as base64).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -40,6 +50,8 @@ from algos.evaluation.report import write_outputs
 from algos.evaluation.scoring import heldout_problems, sample_record, summarize
 from algos.generation.base import Generator, SamplingParams
 from algos.rollout import RolloutConfig, collect, make_vec_env
+from algos.warmup import SYSTEM_PROMPT as TRAINING_SYSTEM_PROMPT
+from tir_envs.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +166,40 @@ def default_label(source: str) -> str:
     return path.name
 
 
+@dataclass(frozen=True)
+class ProtocolPreset:
+    """A named protocol: the ``LeaderboardConfig`` settings that decide a score, and their source."""
+
+    description: str
+    settings: dict[str, Any]
+
+
+PROTOCOLS: Registry[ProtocolPreset] = Registry("protocol preset")
+"""Protocol name -> preset, for ``LeaderboardConfig.from_preset`` and ``tir leaderboard --protocol``."""
+
+QWEN_TIR_SYSTEM_PROMPT = (
+    "Please integrate natural language reasoning with programs to solve the problem above, "
+    "and put your final answer within \\boxed{}."
+)
+"""The system message of Qwen2.5-Math's tool-integrated reasoning (its README and eval suite)."""
+
+PROTOCOLS.register("qwen25-math-tir", ProtocolPreset(
+    "the Qwen2.5-Math evaluation suite's tool-integrated setting: greedy pass@1 (temperature 0, "
+    "one sample), at most 4 model calls (max_func_call), 2048 new tokens per call "
+    "(max_tokens_per_call), its TIR system message; the answer is the final turn's \\boxed{}",
+    {"samples": 1, "temperature": 0.0, "top_p": 1.0, "max_turns": 4, "max_new_tokens": 2048,
+     "max_total_tokens": 16384, "seed": 0,
+     "env_kwargs": {"system_prompt": QWEN_TIR_SYSTEM_PROMPT}},
+))
+PROTOCOLS.register("tir-gym-cpu", ProtocolPreset(
+    "the committed CPU leaderboard: the one-line system prompt the project's models train with "
+    "(algos.warmup.SYSTEM_PROMPT), 2 samples at temperature 0.6, 3 turns of 192 new tokens, "
+    "2048 tokens an episode",
+    {"samples": 2, "temperature": 0.6, "top_p": 1.0, "max_turns": 3, "max_new_tokens": 192,
+     "max_total_tokens": 2048, "seed": 0, "env_kwargs": {"system_prompt": TRAINING_SYSTEM_PROMPT}},
+))
+
+
 @dataclass
 class LeaderboardConfig:
     """What to evaluate and how. Fields marked protocol must match when a run resumes."""
@@ -181,6 +227,18 @@ class LeaderboardConfig:
     """Directory of benchmark files; None = ``$TIR_DATA_DIR`` (or the hub when online)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Protocol: extra env arguments (e.g. ``exec_timeout_s``, ``system_prompt``)."""
+    preset: str | None = None
+    """The named protocol these settings came from (``from_preset`` sets it); recorded."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LeaderboardConfig:
+        """A preset's settings, then ``overrides``; a protocol setting overridden to another value
+        is named in ``preset`` (``"qwen25-math-tir, modified: max_new_tokens"``), so the record
+        never claims a protocol it did not follow."""
+        settings = copy.deepcopy(PROTOCOLS.get(name).settings)
+        changed = sorted(k for k, v in overrides.items() if k in settings and v != settings[k])
+        label = f"{name}, modified: {', '.join(changed)}" if changed else name
+        return cls(**{**settings, **overrides, "preset": label})
 
     def __post_init__(self) -> None:
         self.benchmarks = resolve_benchmarks(self.benchmarks)
@@ -216,6 +274,7 @@ class LeaderboardConfig:
         try:
             r = self.rollout()
             protocol = {
+                "preset": self.preset,
                 "system_prompt": env.system_prompt,
                 "user_template": env.user_template,
                 "chat_template": "each model's own tokenizer chat template",
@@ -348,37 +407,93 @@ def _check_run_state(out_dir: Path, protocol: dict, models: list[ModelSpec],
     this run's (the union of all runs in ``out_dir``)."""
     path = out_dir / RUN_FILE
     state = json.loads(path.read_text()) if path.is_file() else {}
-    old = state.get("protocol")
-    if old is not None and old != protocol:
-        diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
-        raise ValueError(
-            f"{out_dir} holds samples made under another protocol (differs in {', '.join(diff)});"
-            " use another --out, or the same settings to resume"
-        )
-    known_models = state.get("models", {})
-    for spec in models:
-        if spec.label in known_models and known_models[spec.label] != spec.describe():
-            raise ValueError(
-                f"label {spec.label!r} in {out_dir} was {known_models[spec.label]}, now "
-                f"{spec.describe()}; give this model another label (label=path)"
-            )
-    known_benchmarks = state.get("benchmarks", {})
-    for b in benchmarks:
-        if b.name in known_benchmarks and known_benchmarks[b.name]["sha256"] != b.sha256:
-            raise ValueError(
-                f"{b.name} in {out_dir} was evaluated on a different problem file "
-                "(its problems' hash changed); use another --out"
-            )
+    _check_compatible(state, str(out_dir), protocol, {s.label: s.describe() for s in models},
+                      {b.name: b.sha256 for b in benchmarks})
     state = {
         "protocol": protocol,
-        "models": {**known_models, **{s.label: s.describe() for s in models}},
-        "benchmarks": {**known_benchmarks,
+        "models": {**state.get("models", {}), **{s.label: s.describe() for s in models}},
+        "benchmarks": {**state.get("benchmarks", {}),
                        **{b.name: {"env_id": b.env_id, "sha256": b.sha256} for b in benchmarks}},
     }
+    _write_run_state(out_dir, state)
+
+
+def _write_run_state(out_dir: Path, state: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = (out_dir / RUN_FILE).with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    os.replace(tmp, out_dir / RUN_FILE)
+
+
+def _check_compatible(state: dict, where: str, protocol: dict, models: dict[str, dict],
+                      benchmarks: dict[str, str]) -> None:
+    """Refuse samples made under another protocol (its preset's name aside: the settings are
+    what count), a label naming another model, or a benchmark read from another file."""
+    old = state.get("protocol")
+    if old is not None:
+        diff = sorted(k for k in set(old) | set(protocol)
+                      if k != "preset" and old.get(k) != protocol.get(k))
+        if diff:
+            raise ValueError(
+                f"{where} holds samples made under another protocol (differs in "
+                f"{', '.join(diff)}); use another --out, or the same settings to resume"
+            )
+    known_models = state.get("models", {})
+    for label, described in models.items():
+        if label in known_models and known_models[label] != described:
+            raise ValueError(
+                f"label {label!r} in {where} was {known_models[label]}, now {described}; "
+                "give this model another label (label=path)"
+            )
+    known_benchmarks = state.get("benchmarks", {})
+    for name, sha256 in benchmarks.items():
+        if name in known_benchmarks and known_benchmarks[name]["sha256"] != sha256:
+            raise ValueError(
+                f"{name} in {where} was evaluated on a different problem file "
+                "(its problems' hash changed); use another --out"
+            )
+
+
+def merge_runs(out_dir: Path, sources: Iterable[str | os.PathLike]) -> list[ModelSpec]:
+    """Import into ``out_dir`` the records, models and sessions of other leaderboard directories
+    made under the same protocol on the same problem files; returns the imported models.
+
+    Records are keyed by id (model, benchmark, problem, sample): one that ``out_dir`` already
+    holds scored is kept, so merging twice adds nothing."""
+    state = json.loads((out_dir / RUN_FILE).read_text())
+    records = load_records(out_dir / RECORDS_FILE)
+    log = RecordLog(out_dir / RECORDS_FILE)
+    imported: dict[str, dict] = {}
+    try:
+        for source in map(Path, sources):
+            if not (source / RUN_FILE).is_file():
+                raise ValueError(f"{source} is not a leaderboard directory (no {RUN_FILE})")
+            other = json.loads((source / RUN_FILE).read_text())
+            # A label or benchmark only one side knows is fine; one both know must agree.
+            _check_compatible(state, str(source), other["protocol"], other.get("models", {}),
+                              {n: b["sha256"] for n, b in other.get("benchmarks", {}).items()})
+            new = [r for key, r in load_records(source / RECORDS_FILE).items()
+                   if not r.get("infra_error")
+                   and (key not in records or records[key].get("infra_error"))]
+            log.append(new)
+            records.update((record_key(r), r) for r in new)
+            imported.update(other.get("models", {}))
+            state["models"] = {**other.get("models", {}), **state["models"]}
+            state["benchmarks"] = {**other.get("benchmarks", {}), **state["benchmarks"]}
+            _merge_sessions(out_dir, source)
+            logger.info("merged %d records from %s", len(new), source)
+    finally:
+        log.close()
+    _write_run_state(out_dir, state)
+    return [ModelSpec(label, d["source"], d.get("endpoint"), d.get("tokenizer"))
+            for label, d in imported.items()]
+
+
+def _merge_sessions(out_dir: Path, source: Path) -> None:
+    known = {json.dumps(s, sort_keys=True) for s in _read_sessions(out_dir)}
+    added = [s for s in _read_sessions(source) if json.dumps(s, sort_keys=True) not in known]
+    with (out_dir / SESSIONS_FILE).open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in added)
 
 
 # ---------------------------------------------------------------------------------- running
@@ -412,11 +527,14 @@ def load_model(spec: ModelSpec) -> tuple[Generator, Any]:
 def run_leaderboard(
     models: list[ModelSpec], config: LeaderboardConfig, out_dir: str | os.PathLike, *,
     load: Loader = load_model, title: str = "TIR leaderboard",
+    merge: Iterable[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Evaluate what ``out_dir`` does not hold yet, then write every output; returns the results.
 
+    ``merge``: leaderboard directories from other machines or runs, imported first (see the
+    module docstring); models only they evaluated join the table and are never loaded here.
     Raises ``SetupError`` before any model loads when a benchmark, data file or model path is
-    missing or ``out_dir`` holds samples made under another protocol.
+    missing, or ``out_dir`` or a ``merge`` directory holds samples made under another protocol.
     """
     from algos.models import resolve_model_dir
 
@@ -433,6 +551,8 @@ def run_leaderboard(
             if load is load_model and not spec.endpoint:  # fail now, not after other models ran
                 resolve_model_dir(spec.source)
         _check_run_state(out_dir, protocol, models, benchmarks)
+        merge = list(merge)
+        merged = [m for m in merge_runs(out_dir, merge) if m.label not in labels] if merge else []
     except (KeyError, OSError, ValueError) as exc:
         raise SetupError(str(exc)) from exc
     records = load_records(out_dir / RECORDS_FILE)
@@ -455,7 +575,7 @@ def run_leaderboard(
     finally:
         log.close()
         _append_session(out_dir, session_start, time.perf_counter() - started, log.appended)
-    results = build_results(records, models, benchmarks, config, protocol, title=title,
+    results = build_results(records, models + merged, benchmarks, config, protocol, title=title,
                             sessions=_read_sessions(out_dir))
     write_outputs(results, out_dir)
     return results

@@ -7,6 +7,9 @@ importing one registers every id of ``tir_envs.ENV_IDS`` (``TIR-Math-v0``, ...) 
 - ``tir_envs.integrations.gem`` (``pip install tir-gym[gem]``): ``gem.make(id)``,
   ``gem.make_vec([id] * n)``.
 
+``tir_envs.integrations.ray`` (``pip install tir-gym[ray]``) is no registry but a vector env:
+``RayVectorEnv(id, n)`` runs the envs in Ray actors, each actor with its own sandbox.
+
 Frameworks that build one env object per sample share one sandbox per process
 (:func:`shared_sandbox`); each episode still gets its own kernel session.
 """
