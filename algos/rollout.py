@@ -219,16 +219,22 @@ def collect(
         return collect_lockstep(vec_env, generator, tokenizer, problem_ids, group_size, sampling,
                                 max_total_tokens, progress)
     try:
-        trajectories = []
-        for i in range(len(problem_ids) * group_size):
-            problem_id = problem_ids[i // group_size]
-            obs, _ = pool.reset(i, options={"problem_id": problem_id})
-            trajectories.append(Trajectory(prompt_ids=prompt_token_ids(tokenizer, obs),
-                                           group_id=i // group_size, problem_id=problem_id))
+        trajectories = start_episodes(pool, tokenizer, problem_ids, group_size)
         scheduler = EpisodeScheduler(pool, generator, tokenizer, sampling, max_total_tokens)
         scheduler.run(trajectories, progress=progress)
     finally:
         pool.close()
+    return trajectories
+
+
+def start_episodes(pool, tokenizer, problem_ids: list[str], group_size: int) -> list[Trajectory]:
+    """Reset the pool's envs ``[0, len(problem_ids) * group_size)``, ``group_size`` per problem."""
+    trajectories = []
+    for i in range(len(problem_ids) * group_size):
+        problem_id = problem_ids[i // group_size]
+        obs, _ = pool.reset(i, options={"problem_id": problem_id})
+        trajectories.append(Trajectory(prompt_ids=prompt_token_ids(tokenizer, obs),
+                                       group_id=i // group_size, problem_id=problem_id))
     return trajectories
 
 

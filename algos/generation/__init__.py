@@ -1,4 +1,5 @@
-"""Text generation backends behind one interface (see ``base``): ``hf`` (default), ``vllm``
+"""Text generation backends behind one interface (see ``base``): ``hf`` (default),
+``hf-continuous`` (transformers' continuous batching, for asynchronous multi-turn rollouts), ``vllm``
 (optional extra, GPU machines) and ``openai`` (an OpenAI-compatible server, for evaluation).
 
     gen = make_generator("hf", model=model, tokenizer=tokenizer)
@@ -32,6 +33,13 @@ def _hf(**kwargs) -> Generator:
     return HFGenerator(**kwargs)
 
 
+@GENERATORS.register("hf-continuous")
+def _hf_continuous(**kwargs) -> Generator:
+    from algos.generation.hf_continuous import ContinuousHFGenerator
+
+    return ContinuousHFGenerator(**kwargs)
+
+
 @GENERATORS.register("vllm")
 def _vllm(**kwargs) -> Generator:
     from algos.generation.vllm import VLLMGenerator
@@ -52,7 +60,7 @@ BACKENDS = GENERATORS.names()
 
 def make_generator(backend: str = "hf", **kwargs) -> Generator:
     """Build a backend by name; ``kwargs`` go to its constructor (``HFGenerator``,
-    ``VLLMGenerator`` or ``OpenAIGenerator``)."""
+    ``ContinuousHFGenerator``, ``VLLMGenerator`` or ``OpenAIGenerator``)."""
     return GENERATORS.get(backend)(**kwargs)
 
 
