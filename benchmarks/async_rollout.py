@@ -17,7 +17,8 @@ Each round draws new problems; all modes of a round roll out the same ones. The 
 checkpoint when ``--model`` names one (a policy that calls the tool, so episodes take 2 turns), else
 the default SmolLM2-135M-Instruct. One torch thread, as the main job runs.
 
-Usage: ``python benchmarks/async_rollout.py [--model DIR] [--rounds 3] [--out DIR]``; writes
+Usage: ``python benchmarks/async_rollout.py [--model DIR] [--rounds 3] [--modes ...] [--out DIR]``;
+writes
 ``async_rollout.json`` and ``async_rollout.md`` to ``benchmarks/results/`` (or ``--out``).
 """
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> dict:
         "TIR-Math-v0", prompts * group, tokenizer, rollout,
         env_kwargs={"problems": problems, "system_prompt": WarmupConfig().system_prompt},
     )
+    modes = args.modes
     backends = {"lockstep": HFGenerator(model, tokenizer), "async-hf": HFGenerator(model, tokenizer),
                 "async-cb": ContinuousHFGenerator(model, tokenizer)}
     rounds = []
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
                                     seed=args.seed + r)
             record = {"round": r, "warmup": r == 0, "problems": ids,
                       "load": os.getloadavg()[0]}
-            for mode in MODES:
+            for mode in modes:
                 generator = backends[mode]
                 collect_fn = collect_lockstep if mode == "lockstep" else collect
                 started = time.perf_counter()
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
         backends["async-cb"].close()
         vec_env.close()
         sandbox.close()
-    return {"rounds": rounds, "model": args.model or DEFAULT_MODEL, "rollout": vars(rollout),
+    return {"rounds": rounds, "modes": modes, "model": args.model or DEFAULT_MODEL,
+            "rollout": vars(rollout),
             "prompts": prompts, "group_size": group, "threads": args.threads}
 
 
@@ -112,7 +115,7 @@ def summarize(report: dict) -> dict:
     """Medians over the measured rounds; ratios per round against lockstep, then the median."""
     rows = [r for r in report["rounds"] if not r["warmup"]]
     out = {}
-    for mode in MODES:
+    for mode in report["modes"]:
         out[mode] = {
             key: statistics.median(r[mode][key] for r in rows)
             for key in ("seconds", "generated_tokens", "tokens_per_s", "turns_mean")
@@ -133,13 +136,14 @@ def render(report: dict) -> str:
         "",
         f"Load average (1 / 5 / 15 min) at start {' / '.join(map(str, m['load_average']))}, "
         f"at end {' / '.join(map(str, report['load_end']))}: a shared 2-core machine. Read the "
-        "ratios: every round runs the three modes back to back on the same problems.",
+        "ratios: every round runs the modes back to back on the same problems.",
         "",
         f"Model: {report['model']}. Shape: the main job's rollout, {report['prompts']} prompts x "
         f"{report['group_size']} samples, max_new_tokens {report['rollout']['max_new_tokens']} a "
         f"turn, max_turns {report['rollout']['max_turns']}, max_total_tokens "
         f"{report['rollout']['max_total_tokens']}, temperature {report['rollout']['temperature']}, "
-        f"{report['threads']} torch thread; 1 warm-up round, then medians over "
+        f"{report['threads']} torch thread; every round runs {', '.join(report['modes'])} in this "
+        "order; 1 warm-up round, then medians over "
         f"{len(report['rounds']) - 1} rounds. Whole run {report['wall_s'] / 60:.1f} min.",
         "",
     ]
@@ -147,7 +151,7 @@ def render(report: dict) -> str:
         ["mode", "rollout s", "generated tokens", "rollout tok/s", "vs lockstep", "turns"],
         [[mode, f"{s[mode]['seconds']:.1f}", f"{s[mode]['generated_tokens']:.0f}",
           f"{s[mode]['tokens_per_s']:.1f}", f"{s[mode]['vs_lockstep']:.2f}",
-          f"{s[mode]['turns_mean']:.2f}"] for mode in MODES],
+          f"{s[mode]['turns_mean']:.2f}"] for mode in report["modes"]],
     )
     lines += [
         "",
@@ -163,10 +167,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a policy directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    if "lockstep" not in args.modes:
+        parser.error("--modes needs lockstep: every ratio is taken against it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()
     info = machine_info()

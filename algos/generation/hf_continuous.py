@@ -21,7 +21,6 @@ sampled episodes are not reproducible run to run the way a seeded ``hf`` call is
 
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent.futures import Future
 
@@ -36,8 +35,6 @@ from algos.generation.base import (
     check_prompts,
 )
 from algos.generation.hf import eos_token_ids
-
-logger = logging.getLogger(__name__)
 
 
 class ContinuousHFGenerator(Generator):
