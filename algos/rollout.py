@@ -1,8 +1,8 @@
 """Multi-turn rollouts over Gymnasium vector envs, token in / token out.
 
 One vector env holds ``P * G`` TIR envs: G copies of each of P prompts (a GRPO group), pinned with
-``reset(options={"problem_id": ..., "reset_mask": ...})``. Every turn, all unfinished envs generate
-in one batch; an env's whole episode is a single assistant message that the model keeps extending:
+``reset(options={"problem_id": ...})``. An env's whole episode is a single assistant message that
+the model keeps extending:
 
     prompt ids | turn 1 generated ids | turn 1 env ids (tool output) | turn 2 generated ids | ...
 
