@@ -1,29 +1,35 @@
 """Multi-turn rollouts over Gymnasium vector envs, token in / token out.
 
 One vector env holds ``P * G`` TIR envs: G copies of each of P prompts (a GRPO group), pinned with
-``reset(options={"problem_id": ..., "reset_mask": ...})``. Every turn, all unfinished envs generate
-in one batch; an env's whole episode is a single assistant message that the model keeps extending:
+``reset(options={"problem_id": ...})``. An env's whole episode is a single assistant message that
+the model keeps extending:
 
     prompt ids | turn 1 generated ids | turn 1 env ids (tool output) | turn 2 generated ids | ...
 
 The generated ids are kept exactly as sampled, with their sampling logprobs; only the text the env
 adds (the formatted tool output) is tokenized. Nothing is ever decoded and re-tokenized for training.
 
-Finished envs still have to take part in ``vec_env.step`` (vector envs step in lockstep); they get an
-empty action, which under the default next-step autoreset merely resets them. Their results are
-ignored, and the next collection re-pins every env anyway.
+Episodes advance independently: the sub-envs step one at a time through an env pool
+(``algos.envpool``), and each turn goes to the generator as soon as its episode's observation is
+back (``EpisodeScheduler``). A backend that batches across calls (``Generator.concurrency > 1``:
+transformers' continuous batching, a server) gets one call per turn the moment it is ready; a
+backend that batches within a call gets every pending turn in one call. A vector env without
+sub-envs to step alone (``AsyncVectorEnv``) runs in lockstep instead (``collect_lockstep``).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from algos.generation.base import GenerationError, Generator, SamplingParams
+from algos.envpool import env_pool
+from algos.generation.base import Completion, GenerationError, Generator, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -214,17 +220,192 @@ def collect(
 ) -> list[Trajectory]:
     """Roll out ``group_size`` episodes of each problem: ``len(problem_ids) * group_size`` records.
 
-    Envs ``[k * group_size, (k + 1) * group_size)`` form group ``k`` on ``problem_ids[k]``. A vector
-    env with more envs than that leaves the rest idle: they are reset (vector envs step in
-    lockstep, so every env needs an episode) but never generate.
+    Envs ``[k * group_size, (k + 1) * group_size)`` form group ``k`` on ``problem_ids[k]``; a vector
+    env with more envs than that leaves the rest idle. Episodes advance independently
+    (``EpisodeScheduler``) when the vector env offers an env pool, in lockstep otherwise.
     """
+    _check_envs(vec_env, problem_ids, group_size)
+    with env_pool(vec_env) as pool:
+        if pool is None:
+            return collect_lockstep(vec_env, generator, tokenizer, problem_ids, group_size,
+                                    sampling, max_total_tokens, progress)
+        trajectories = start_episodes(pool, tokenizer, problem_ids, group_size)
+        scheduler = EpisodeScheduler(pool, generator, tokenizer, sampling, max_total_tokens)
+        scheduler.run(trajectories, progress=progress)
+    return trajectories
+
+
+def start_episodes(pool, tokenizer, problem_ids: list[str], group_size: int) -> list[Trajectory]:
+    """Reset the pool's envs ``[0, len(problem_ids) * group_size)``, ``group_size`` per problem."""
+    trajectories = []
+    for i in range(len(problem_ids) * group_size):
+        problem_id = problem_ids[i // group_size]
+        obs, _ = pool.reset(i, options={"problem_id": problem_id})
+        trajectories.append(Trajectory(prompt_ids=prompt_token_ids(tokenizer, obs),
+                                       group_id=i // group_size, problem_id=problem_id))
+    return trajectories
+
+
+def _check_envs(vec_env, problem_ids: list[str], group_size: int) -> None:
     needed = len(problem_ids) * group_size
-    num_envs = vec_env.num_envs
-    if not problem_ids or needed > num_envs:
+    if not problem_ids or needed > vec_env.num_envs:
         raise ValueError(
             f"{len(problem_ids)} prompts x {group_size} samples need {needed} envs; "
-            f"the vector env has {num_envs}"
+            f"the vector env has {vec_env.num_envs}"
         )
+
+
+class EpisodeScheduler:
+    """Runs episodes through an env pool; episode ``i`` lives in the pool's env ``i``.
+
+    Each turn is sent to the generator as soon as its episode's observation is back, and each
+    generated turn goes to its env at once, so generation of some episodes overlaps env steps and
+    later turns of others. How turns are grouped into ``generate`` calls follows the backend:
+
+    - ``generator.concurrency > 1`` (it batches across calls): one call per turn, up to that many
+      calls at once, so its own scheduler sees every live episode;
+    - otherwise one call holds every pending turn; while env steps are still running it waits for
+      them up to ``batch_wait_s`` (they usually take milliseconds), so later turns are not decoded
+      at a small batch while the others' observations are about to arrive.
+
+    ``events`` records the schedule: ``("send", episode, turn)`` when a turn goes to the generator,
+    ``("generated", episode, turn)`` when it comes back, ``("stepped", episode, turn)`` when the env
+    answered it.
+    """
+
+    def __init__(self, pool, generator: Generator, tokenizer, sampling: SamplingParams,
+                 max_total_tokens: int, batch_wait_s: float = 1.0):
+        self.pool = pool
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.max_total_tokens = max_total_tokens
+        self.batch_wait_s = batch_wait_s
+        self.events: list[tuple[str, int, int]] = []
+
+    def run(self, trajectories: list[Trajectory], progress: bool = False) -> None:
+        """Play every trajectory's episode to its end, appending its turns in place."""
+        concurrency = max(1, int(getattr(self.generator, "concurrency", 1)))
+        self._trajectories = trajectories
+        self._contexts = [list(t.prompt_ids) for t in trajectories]
+        self._ready: dict[int, float] = {i: time.perf_counter() for i in range(len(trajectories))}
+        self._calls: dict[Future, list[int]] = {}
+        self._steps: dict[Future, tuple[int, Completion]] = {}
+        self._bar = tqdm(total=len(trajectories), desc="rollout", unit="episode", leave=False,
+                         disable=not progress)
+        workers = min(concurrency, len(trajectories))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate") as calls:
+                while self._ready or self._calls or self._steps:
+                    timeout = self._send(calls, concurrency)
+                    if not (self._calls or self._steps):
+                        continue
+                    done, _ = wait([*self._calls, *self._steps], timeout=timeout,
+                                   return_when=FIRST_COMPLETED)
+                    for future in done:
+                        if future in self._calls:
+                            self._generated(future, self._calls.pop(future))
+                        else:
+                            self._stepped(future, *self._steps.pop(future))
+        finally:
+            self._bar.close()
+
+    def _send(self, calls: ThreadPoolExecutor, concurrency: int) -> float | None:
+        """Send ready turns to the generator; returns how long to wait before trying again."""
+        if concurrency > 1:
+            while self._ready and len(self._calls) < concurrency:
+                episode = min(self._ready, key=self._ready.get)
+                del self._ready[episode]
+                self._call(calls, [episode])
+            return None
+        if not self._ready or self._calls:
+            return None
+        waited = time.perf_counter() - min(self._ready.values())
+        if self._steps and waited < self.batch_wait_s:
+            return self.batch_wait_s - waited
+        batch = sorted(self._ready)
+        self._ready.clear()
+        self._call(calls, batch)
+        return None
+
+    def _call(self, calls: ThreadPoolExecutor, episodes: list[int]) -> None:
+        for i in episodes:
+            self.events.append(("send", i, len(self._trajectories[i].turns)))
+        future = calls.submit(self.generator.generate, [self._contexts[i] for i in episodes],
+                              self.sampling)
+        self._calls[future] = episodes
+
+    def _generated(self, future: Future, episodes: list[int]) -> None:
+        try:
+            completions = future.result()
+        except GenerationError as exc:
+            logger.warning("generation failed for %d episodes, excluded as infra errors: %s",
+                           len(episodes), exc)
+            for i in episodes:
+                self._trajectories[i].done_reason = "infra_error"
+            self._bar.update(len(episodes))
+            return
+        for i, completion in zip(episodes, completions):
+            self.events.append(("generated", i, len(self._trajectories[i].turns)))
+            self._steps[self.pool.step(i, completion.text)] = (i, completion)
+
+    def _stepped(self, future: Future, i: int, completion: Completion) -> None:
+        obs, reward, terminated, truncated, info = future.result()
+        trajectory = self._trajectories[i]
+        self.events.append(("stepped", i, len(trajectory.turns)))
+        env_ids = ([] if terminated or truncated
+                   else self.tokenizer(obs, add_special_tokens=False)["input_ids"])
+        trajectory.turns.append(Turn(
+            generated_ids=list(completion.token_ids),
+            logprobs=list(completion.logprobs),
+            env_ids=env_ids,
+            reward=float(reward),
+            info=dict(info),
+            finish_reason=completion.finish_reason,
+        ))
+        self._contexts[i] += completion.token_ids + env_ids
+        if _finish(trajectory, bool(terminated), bool(truncated),
+                   len(self._contexts[i]) + self.sampling.max_new_tokens > self.max_total_tokens):
+            self._bar.update(1)
+        else:
+            self._ready[i] = time.perf_counter()
+
+
+def _finish(trajectory: Trajectory, terminated: bool, truncated: bool, over_budget: bool) -> bool:
+    """Set why the episode ended after its latest turn; False while it goes on."""
+    if terminated:
+        trajectory.done_reason = "terminated"
+    elif truncated:
+        trajectory.done_reason = "truncated"
+    elif over_budget:
+        trajectory.done_reason = "context"
+        # The final tool output is never trained on, so drop it from the record.
+        trajectory.turns[-1].env_ids = []
+    else:
+        return False
+    return True
+
+
+def collect_lockstep(
+    vec_env,
+    generator: Generator,
+    tokenizer,
+    problem_ids: list[str],
+    group_size: int,
+    sampling: SamplingParams,
+    max_total_tokens: int = 2048,
+    progress: bool = False,
+) -> list[Trajectory]:
+    """``collect`` through ``vec_env.reset``/``vec_env.step``: every turn round, all unfinished
+    episodes generate in one batch, then the vector env steps them together.
+
+    Finished envs still take part in ``vec_env.step`` with an empty action, which under the default
+    next-step autoreset merely resets them; envs past ``len(problem_ids) * group_size`` are reset
+    too but never generate. Their results are ignored.
+    """
+    _check_envs(vec_env, problem_ids, group_size)
+    needed = len(problem_ids) * group_size
+    num_envs = vec_env.num_envs
     observations = [None] * num_envs
     groups = -(-num_envs // group_size)
     for group in range(groups):
@@ -278,17 +459,9 @@ def collect(
                 )
             )
             contexts[i] += completion.token_ids + env_ids
-            if terminated[i]:
-                trajectory.done_reason = "terminated"
-            elif truncated[i]:
-                trajectory.done_reason = "truncated"
-            elif len(contexts[i]) + sampling.max_new_tokens > max_total_tokens:
-                trajectory.done_reason = "context"
-                # The final tool output is never trained on, so drop it from the record.
-                trajectory.turns[-1].env_ids = []
-            else:
-                continue
-            active[i] = False
-            bar.update(1)
+            if _finish(trajectory, bool(terminated[i]), bool(truncated[i]),
+                       len(contexts[i]) + sampling.max_new_tokens > max_total_tokens):
+                active[i] = False
+                bar.update(1)
     bar.close()
     return trajectories

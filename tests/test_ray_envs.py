@@ -267,14 +267,16 @@ def test_bad_arguments_are_refused(ray_env, tokenizer):
         ray_env.step(("", "", ""))
 
 
-def test_one_training_iteration_through_ray_env_workers(ray, tmp_path):
+def test_training_iterations_through_ray_env_workers(ray, tmp_path):
+    """Two iterations: the second collect steps the same actors through the vector env's own
+    pool, which a collect must leave open."""
     from algos.cli import app
 
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "train", "--algo", "gtpo", "--model", str(save_tiny(tmp_path / "model")),
         "--run-dir", str(run_dir), "--env-workers", "ray", "--envs-per-actor", "2",
-        "--iterations", "1", "--eval-problems", "0", "--no-progress", "--no-warmup",
+        "--iterations", "2", "--eval-problems", "0", "--no-progress", "--no-warmup",
         "--set", "prompts_per_iteration=2", "--set", "group_size=2",
         "--set", "minibatch_size=2", "--set", "grad_accum_steps=1",
         "--set", "rollout.max_new_tokens=16", "--set", "rollout.max_turns=2",
@@ -283,8 +285,9 @@ def test_one_training_iteration_through_ray_env_workers(ray, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((run_dir / "report.json").read_text())
     assert report["env_workers"] == "ray"
-    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["iteration"] == 1 and row["infra_error_rate"] == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["infra_error_rate"] == 0 for r in rows)
     assert (run_dir / "final" / "config.json").is_file()
 
     refused = CliRunner().invoke(app, ["train", "--model", str(tmp_path / "model"),

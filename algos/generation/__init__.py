@@ -1,7 +1,8 @@
-"""Text generation backends behind one interface (see ``base``): ``hf`` (default), ``vllm``
-(optional extra, GPU machines), ``openai`` (an OpenAI-compatible server; training needs vLLM's
-weight reload) and ``vllm-server`` (a vLLM server started from its own venv and reloaded after
-each update).
+"""Text generation backends behind one interface (see ``base``): ``hf`` (default),
+``hf-continuous`` (transformers' continuous batching, for asynchronous multi-turn rollouts),
+``vllm`` (optional extra, GPU machines), ``openai`` (an OpenAI-compatible server; training needs
+vLLM's weight reload) and ``vllm-server`` (a vLLM server started from its own venv and reloaded
+after each update).
 
     gen = make_generator("hf", model=model, tokenizer=tokenizer)
     [c] = gen.generate([prompt_ids], SamplingParams(max_new_tokens=256, stop=("```\\n",)))
@@ -34,6 +35,13 @@ def _hf(**kwargs) -> Generator:
     return HFGenerator(**kwargs)
 
 
+@GENERATORS.register("hf-continuous")
+def _hf_continuous(**kwargs) -> Generator:
+    from algos.generation.hf_continuous import ContinuousHFGenerator
+
+    return ContinuousHFGenerator(**kwargs)
+
+
 @GENERATORS.register("vllm")
 def _vllm(**kwargs) -> Generator:
     from algos.generation.vllm import VLLMGenerator
@@ -61,7 +69,8 @@ BACKENDS = GENERATORS.names()
 
 def make_generator(backend: str = "hf", **kwargs) -> Generator:
     """Build a backend by name; ``kwargs`` go to its constructor (``HFGenerator``,
-    ``VLLMGenerator``, ``OpenAIGenerator`` or ``VLLMServerGenerator``)."""
+    ``ContinuousHFGenerator``, ``VLLMGenerator``, ``OpenAIGenerator`` or
+    ``VLLMServerGenerator``)."""
     return GENERATORS.get(backend)(**kwargs)
 
 

@@ -78,6 +78,11 @@ class GenerationError(RuntimeError):
 class Generator(abc.ABC):
     """A generation backend. ``generate`` batches all prompts in one call; results keep order."""
 
+    concurrency: int = 1
+    """How many ``generate`` calls may run at once, from different threads. A backend that batches
+    requests across calls (a server's or transformers' continuous batching) sets it high, and the
+    rollout then sends each episode's turn in its own call the moment it is ready."""
+
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Continue each prompt (a list of token ids) once; raise ``GenerationError`` when the

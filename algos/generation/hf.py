@@ -52,15 +52,9 @@ class HFGenerator(Generator):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        eos = model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        if not eos:
-            raise ValueError("neither the model's generation config nor the tokenizer has an eos id")
-        self.eos_ids = eos
+        self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else eos[0]
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         check_prompts(prompts)
@@ -147,6 +141,17 @@ class HFGenerator(Generator):
                 )
             )
         return completions
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a sequence: the model's generation config's and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    if not eos:
+        raise ValueError("neither the model's generation config nor the tokenizer has an eos id")
+    return eos
 
 
 @contextlib.contextmanager
