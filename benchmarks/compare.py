@@ -320,8 +320,9 @@ def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: 
 def save_best_models(runs: dict[str, dict[int, dict]], checkpoint: Path, out: Path,
                      budget: Budget, models: Path, threads: int) -> dict[str, dict]:
     """Rerun each base algorithm's best-scoring seed and save its final model (for the
-    leaderboard) under ``models/<method>/seed<k>``. Runs are deterministic, so the rerun must
-    score exactly what the record says; a rerun that does not is reported, never hidden."""
+    leaderboard) under ``models/<method>/seed<k>``. At the record's code a run is deterministic
+    (one thread, seeded), so the rerun should retrace its curve; one that does not (another code
+    version, or tool output that varies) is reported, never hidden."""
     saved = {}
     for method in (m for m in BASE if m in runs):
         seed, record = max(runs[method].items(), key=lambda item: item[1]["final"])

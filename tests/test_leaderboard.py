@@ -394,8 +394,11 @@ def _serve(model, tokenizer):
             params = SamplingParams(max_new_tokens=body["max_tokens"],
                                     temperature=body["temperature"], top_p=body["top_p"],
                                     stop=tuple(body.get("stop", ())), seed=body.get("seed"))
+            prompts = body["prompt"]  # like vLLM: one prompt's token ids, or a list of them
+            if prompts and isinstance(prompts[0], int):
+                prompts = [prompts]
             choices = []
-            for i, c in enumerate(generator.generate(body["prompt"], params)):
+            for i, c in enumerate(generator.generate(prompts, params)):
                 choices.append({
                     "index": i, "text": c.text,
                     "finish_reason": "length" if c.finish_reason == "length" else "stop",
