@@ -138,6 +138,11 @@ def peak_memory_gib() -> float:
 
 
 THREADS_HELP = "torch CPU threads (default: torch's choice); 1 is much faster on a shared machine"
+BACKEND_HELP = ("hf (in process), hf-continuous (in process, transformers' continuous batching) or "
+                "vllm-server (a vLLM server, loaded with the model)")
+VLLM_PYTHON_HELP = ("vllm-server: the python that starts vLLM (default: the venv "
+                    "scripts/vllm_venv.sh builds)")
+VLLM_ARGS_HELP = "vllm-server: more flags for the server it starts, e.g. '--enforce-eager'"
 
 
 def _setup(verbose: bool, threads: Optional[int] = None) -> None:
@@ -246,13 +251,9 @@ def train(
     )] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     backend: Annotated[str, typer.Option(
-        help="rollouts from hf (in process) or vllm-server (a vLLM server, reloaded after "
-             "each update)")] = "hf",
-    vllm_python: Annotated[Optional[Path], typer.Option(
-        help="vllm-server: the python that starts vLLM (default: the venv "
-             "scripts/vllm_venv.sh builds)")] = None,
-    vllm_args: Annotated[Optional[str], typer.Option(
-        help="vllm-server: more flags for the server it starts, e.g. '--enforce-eager'")] = None,
+        help=f"rollouts from {BACKEND_HELP}, reloaded after each update")] = "hf",
+    vllm_python: Annotated[Optional[Path], typer.Option(help=VLLM_PYTHON_HELP)] = None,
+    vllm_args: Annotated[Optional[str], typer.Option(help=VLLM_ARGS_HELP)] = None,
     server_url: Annotated[Optional[str], typer.Option(
         help="vllm-server: a vLLM server you run (VLLM_SERVER_DEV_MODE=1, --logprobs-mode "
              "processed_logprobs) that can read --run-dir, e.g. http://host:8000/v1")] = None,
@@ -304,6 +305,7 @@ def train(
         raise typer.BadParameter("warmup.* settings need --warmup")
     defaults = MAIN_JOB if main_job_defaults else {}
     algo_config, rollout = build_configs(algo, config, sets, defaults)
+    check_backend(backend, rollout.top_p)
     warm_config = build_warmup_config(warm_sets, threads) if warmup else None
     if eval_temperature is None:
         eval_temperature = rollout.temperature if main_job_defaults else 0.0
@@ -348,8 +350,8 @@ def train(
                            run_dir=run_dir, env_kwargs=env_kwargs,
                            accelerator=ranks.accelerator)
         # last: a server started here is stopped only by the `with` below
-        generator = (server.generator(policy, tokenizer, run_dir / "server-weights")
-                     if server else None)
+        generator = (server.generator(policy, tokenizer, run_dir / "server-weights") if server
+                     else local_generator(backend, agent.policy, tokenizer))
     except (ValueError, TypeError, OSError, GenerationError, ServerStartError) as exc:
         raise typer.BadParameter(str(exc)) from None
     if generator is not None:
@@ -429,13 +431,14 @@ def train(
 def rollout_server(backend: str, vllm_python: Optional[Path], vllm_args: Optional[str],
                    server_url: Optional[str]):
     """``--backend`` and its server flags as an ``algos.generation.server.RolloutServer``
-    (``None``: the agent's in-process hf backend), refused before any work when they cannot work."""
-    if backend not in ("hf", "vllm-server"):
-        raise typer.BadParameter(f"--backend must be hf or vllm-server, got {backend!r}")
+    (``None``: an in-process backend), refused before any work when they cannot work."""
+    if backend not in LOCAL_BACKENDS + ("vllm-server",):
+        raise typer.BadParameter(f"--backend must be one of {', '.join(LOCAL_BACKENDS)} or "
+                                 f"vllm-server, got {backend!r}")
     server_flags = {"--vllm-python": vllm_python, "--vllm-args": vllm_args,
                     "--server-url": server_url}
     given = [flag for flag, value in server_flags.items() if value is not None]
-    if backend == "hf":
+    if backend in LOCAL_BACKENDS:
         if given:
             raise typer.BadParameter(f"{', '.join(given)} need --backend vllm-server")
         return None
@@ -448,6 +451,25 @@ def rollout_server(backend: str, vllm_python: Optional[Path], vllm_args: Optiona
         return RolloutServer(vllm_python, tuple(shlex.split(vllm_args or "")), server_url)
     except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+LOCAL_BACKENDS = ("hf", "hf-continuous")
+
+
+def check_backend(backend: str, top_p: float) -> None:
+    if backend == "hf-continuous" and top_p < 1.0:
+        raise typer.BadParameter("--backend hf-continuous reports logprobs after top-p "
+                                 "truncation: use rollout.top_p=1 or --backend hf")
+
+
+def local_generator(backend: str, policy, tokenizer):
+    """The in-process backend to use instead of the agent's default ``hf`` one (``None``: keep
+    it); it samples from ``policy`` itself, so updates need no weight sync."""
+    if backend != "hf-continuous":
+        return None
+    from algos.generation import make_generator
+
+    return make_generator(backend, model=policy, tokenizer=tokenizer)
 
 
 def start_ranks(nproc: Optional[int], config):
@@ -532,16 +554,27 @@ def evaluate(
     data_dir: Annotated[Optional[Path], typer.Option(help="benchmark files (TIR_DATA_DIR)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="write the summary as JSON")] = None,
     seed: int = 0,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "hf",
+    vllm_python: Annotated[Optional[Path], typer.Option(help=VLLM_PYTHON_HELP)] = None,
+    vllm_args: Annotated[Optional[str], typer.Option(help=VLLM_ARGS_HELP)] = None,
+    server_url: Annotated[Optional[str], typer.Option(
+        help="vllm-server: a vLLM server you run (VLLM_SERVER_DEV_MODE=1, --logprobs-mode "
+             "processed_logprobs) on this machine or one sharing its temp dir; it is loaded "
+             "with --model")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Evaluate a model on a TIR env under the common protocol."""
     _setup(False, threads)
+    import tempfile
+
     from algos.evaluation import evaluate_problems, heldout_problems, problem_source, summarize
-    from algos.generation import make_generator
+    from algos.generation import GenerationError, make_generator
     from algos.generation.base import SamplingParams
+    from algos.generation.server import ServerStartError
     from algos.models import load_policy
     from algos.rollout import RolloutConfig, make_vec_env
 
+    server = rollout_server(backend, vllm_python, vllm_args, server_url)
     rollout = RolloutConfig(max_new_tokens=max_new_tokens, max_turns=max_turns,
                             max_total_tokens=max(2048, 2 * max_new_tokens),
                             temperature=temperature)
@@ -550,19 +583,26 @@ def evaluate(
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc)) from None
     env_kwargs = {"data_dir": str(data_dir)} if data_dir else {}
-    vec_env, sandbox = make_vec_env(env, batch, tokenizer, rollout, env_kwargs)
-    try:
+    with contextlib.ExitStack() as stack:
+        if server is not None:
+            weights = stack.enter_context(tempfile.TemporaryDirectory(prefix="tir-eval-"))
+            try:
+                generator = server.generator(policy, tokenizer, weights)
+            except (GenerationError, ServerStartError) as exc:
+                raise typer.BadParameter(str(exc)) from None
+        else:
+            generator = make_generator(backend, model=policy, tokenizer=tokenizer)
+        stack.enter_context(generator)
+        vec_env, sandbox = make_vec_env(env, batch, tokenizer, rollout, env_kwargs)
+        stack.callback(sandbox.close)
+        stack.callback(vec_env.close)
         problems = heldout_problems(problem_source(vec_env), limit)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 stop=rollout.stop, seed=seed)
-        generator = make_generator("hf", model=policy, tokenizer=tokenizer)
         records = evaluate_problems(vec_env, generator, tokenizer, problems, params,
                                     samples=samples, max_total_tokens=rollout.max_total_tokens)
-    finally:
-        vec_env.close()
-        sandbox.close()
     summary = summarize(records)
-    summary.update(model=model, env=env, temperature=temperature)
+    summary.update(model=model, env=env, temperature=temperature, backend=backend)
     text = json.dumps(summary, indent=2)
     if out:
         out.write_text(text)

@@ -2,14 +2,16 @@
 
 The main job's rollout shape (``algos.cli.MAIN_JOB``: 4 prompts x 4 samples, 48 new tokens a turn,
 2 turns, 512 tokens an episode, temperature 0.8, stop at the closing code fence) on its procedural
-problem kinds and system prompt, with the real local sandbox and grader. Three ways to collect the
+problem kinds and system prompt, with the real local sandbox and grader. Four ways to collect the
 same problems, interleaved round by round in one process (the machine is shared, so the ratio of
 runs seconds apart tells more than either number):
 
-- ``lockstep``: today's path, ``collect_lockstep`` with the ``hf`` backend (one ``generate`` per
-  turn round for all live episodes, then one vector-env step);
-- ``async-hf``: ``collect`` (the episode scheduler over a thread env pool) with the same ``hf``
-  backend, which batches whatever turns are pending in one call;
+- ``lockstep``: the baseline, ``collect_lockstep`` with the ``hf`` backend keeping no KV states
+  between calls (one ``generate`` per turn round for all live episodes, then one vector-env step;
+  every turn prefills its whole context, and a group prefills its one prompt once per sample);
+- ``lockstep-prefix``: the same with ``hf``'s kept states (``algos.generation.prefix_cache``);
+- ``async-hf``: ``collect`` (the episode scheduler over a thread env pool) with ``hf`` and its kept
+  states, which batches whatever turns are pending in one call: what ``tir train`` runs;
 - ``async-cb``: ``collect`` with ``hf-continuous`` (transformers' continuous batching, paged KV cache
   with prefix sharing), one request per turn the moment its observation is back.
 
@@ -41,7 +43,7 @@ from algos.evaluation.report import md_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.async_rollout")
 
-MODES = ("lockstep", "async-hf", "async-cb")
+MODES = ("lockstep", "lockstep-prefix", "async-hf", "async-cb")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -56,20 +58,23 @@ def run(args: argparse.Namespace) -> dict:
     from algos.generation.hf_continuous import ContinuousHFGenerator
     from algos.models import DEFAULT_MODEL, load_policy
     from algos.rollout import RolloutConfig, collect, collect_lockstep, make_vec_env
-    from algos.warmup import TrainProblems, WarmupConfig
+    from algos.warmup import WarmupConfig
+    from tir_envs.procedural import ProceduralProblems
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_policy(args.model or DEFAULT_MODEL)
     rollout = RolloutConfig(**{k.removeprefix("rollout."): v for k, v in MAIN_JOB.items()
                                if k.startswith("rollout.")})
     prompts, group = MAIN_JOB["prompts_per_iteration"], MAIN_JOB["group_size"]
-    problems = TrainProblems(MAIN_WARMUP["kinds"])
+    problems = ProceduralProblems(MAIN_WARMUP["kinds"])
     vec_env, sandbox = make_vec_env(
         "TIR-Math-v0", prompts * group, tokenizer, rollout,
         env_kwargs={"problems": problems, "system_prompt": WarmupConfig().system_prompt},
     )
     modes = args.modes
-    backends = {"lockstep": HFGenerator(model, tokenizer), "async-hf": HFGenerator(model, tokenizer),
+    backends = {"lockstep": HFGenerator(model, tokenizer, prefix_cache_bytes=0),
+                "lockstep-prefix": HFGenerator(model, tokenizer),
+                "async-hf": HFGenerator(model, tokenizer),
                 "async-cb": ContinuousHFGenerator(model, tokenizer)}
     rounds = []
     try:
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
                       "load": os.getloadavg()[0]}
             for mode in modes:
                 generator = backends[mode]
-                collect_fn = collect_lockstep if mode == "lockstep" else collect
+                collect_fn = collect_lockstep if mode.startswith("lockstep") else collect
                 started = time.perf_counter()
                 trajectories = collect_fn(vec_env, generator, tokenizer, ids, group, params,
                                           max_total_tokens=rollout.max_total_tokens)
@@ -129,7 +134,7 @@ def summarize(report: dict) -> dict:
 def render(report: dict) -> str:
     m, s = report["machine"], report["summary"]
     lines = [
-        "# Rollout throughput: lockstep against asynchronous episodes",
+        "# Rollout throughput: today's path against kept KV states and asynchronous episodes",
         "",
         f"{m['date']} · {m['cpu']} · {m['cpus']} cores · torch {m['torch']} · "
         f"transformers {m['transformers']} · commit {m['commit']}",
@@ -156,8 +161,10 @@ def render(report: dict) -> str:
     lines += [
         "",
         "vs lockstep: each round's tokens/s over that round's lockstep tokens/s, median over "
-        "rounds. lockstep: `collect_lockstep` + `hf`; async-hf: `collect` + `hf`; async-cb: "
-        "`collect` + `hf-continuous`. Per-round numbers are in `async_rollout.json`.",
+        "rounds. lockstep: `collect_lockstep` + `hf` keeping no KV states between calls (the "
+        "baseline); lockstep-prefix: the same with `hf`'s kept states; async-hf: `collect` + `hf` "
+        "with kept states (what `tir train` runs); async-cb: `collect` + `hf-continuous`. "
+        "Per-round numbers are in `async_rollout.json`.",
         "",
     ]
     return "\n".join(lines)

@@ -42,7 +42,35 @@ def test_train_writes_report_model_and_curves(tiny_dir, tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_train_on_the_continuous_batching_backend(tiny_dir, tmp_path):
+    from algos.metrics import read_metrics
+
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--algo", "gtpo", "--model", str(tiny_dir),
+                                      "--run-dir", str(run_dir), "--backend", "hf-continuous",
+                                      *TINY_RUN])
+    assert result.exit_code == 0, result.output
+    [metrics] = read_metrics(run_dir / "metrics.jsonl")
+    assert metrics["infra_error_rate"] == 0 and metrics["tokens/generated"] > 0
+    assert json.loads((run_dir / "report.json").read_text())["after"]["problems"] == 2
+
+
+def test_eval_gives_one_summary_on_either_local_backend(tiny_dir, tmp_path):
+    summaries = {}
+    for backend in ("hf", "hf-continuous"):
+        out = tmp_path / f"{backend}.json"
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--limit", "3",
+                                          "--max-new-tokens", "16", "--max-turns", "2",
+                                          "--backend", backend, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        summaries[backend] = json.loads(out.read_text())
+        assert summaries[backend].pop("backend") == backend
+    assert summaries["hf"]["problems"] == 3 and summaries["hf"]["infra_errors"] == 0
+    assert summaries["hf"] == summaries["hf-continuous"]  # greedy: the same episodes
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--backend", "hf-continuous", "--set", "rollout.top_p=0.9"], "top-p truncation"),
     (["--set", "no_such_knob=1"], "has no field 'no_such_knob'"),
     (["--set", "lr=-1"], "lr must be > 0"),
     (["--set", "lr=fast"], "expected float"),

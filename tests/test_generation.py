@@ -132,6 +132,108 @@ def test_generation_leaves_training_mode_and_model_config(model, tok, prompts):
     assert model.generation_config.to_dict() == before
 
 
+def fed_widths(model) -> list[int]:
+    """Records how many columns each forward pass of ``model`` is fed (prefill, then 1 a step)."""
+    widths: list[int] = []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append((kwargs.get("input_ids") if "input_ids" in kwargs
+                                               else args[0]).shape[1]), with_kwargs=True)
+    return widths
+
+
+def multi_turn(gen, tok, prompts, params, turns=3) -> list[list]:
+    """Every row's completions over ``turns`` turns, each next prompt being the last prompt, the
+    completion and a tool output of a length that differs by row."""
+    contexts, out = [list(p) for p in prompts], []
+    for _ in range(turns):
+        completions = gen.generate(contexts, params)
+        out.append(completions)
+        for row, c in enumerate(completions):
+            tool = tok(f"output {row}\n" * (row % 3 + 1), add_special_tokens=False)["input_ids"]
+            contexts[row] += c.token_ids + tool
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kept_states_change_no_token_and_no_logprob(tok, prompts, temperature):
+    model = tiny_model(2, tok)
+    group = [p for p in prompts for _ in range(3)]  # a group's samples share their prompt
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=11)
+    fresh = multi_turn(make_generator("hf", model=model, tokenizer=tok, prefix_cache_bytes=0),
+                       tok, group, params)
+    gen = make_generator("hf", model=model, tokenizer=tok)
+    widths = fed_widths(model)
+    kept = multi_turn(gen, tok, group, params)
+    for turn_kept, turn_fresh in zip(kept, fresh):
+        for k, f in zip(turn_kept, turn_fresh):
+            assert k.token_ids == f.token_ids and k.finish_reason == f.finish_reason
+            torch.testing.assert_close(torch.tensor(k.logprobs), torch.tensor(f.logprobs),
+                                       atol=1e-5, rtol=1e-5)
+    longest = max(map(len, prompts))
+    prefills = [w for w in widths if w > 1]
+    # turn 1: the 4 distinct prompts once (all but their last token), then only the last column
+    # of the batch; turns 2 and 3 prefill the new tail, never the whole context
+    assert prefills[0] == longest - 1 and widths[1] == 1
+    assert all(w < longest for w in prefills[1:])
+    assert len(gen.prefix.entries) <= len(group) and gen.prefix.bytes <= gen.prefix.max_bytes
+
+
+def test_kept_and_new_prompts_in_one_batch(tok, prompts):
+    """A long context with kept states next to a short prompt with none (whose padding covers
+    the kept columns) and a long one with none (which leaves nothing to reuse)."""
+    model = tiny_model(4, tok)
+    gen = make_generator("hf", model=model, tokenizer=tok)
+    fresh = make_generator("hf", model=model, tokenizer=tok, prefix_cache_bytes=0)
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    [first] = gen.generate([prompts[1]], params)
+    tool = tok("output line\n" * 8, add_special_tokens=False)["input_ids"]
+    assert len(tool) > len(prompts[2])  # the kept columns end inside the short prompt's padding
+    context = prompts[1] + first.token_ids + tool
+    widths = fed_widths(model)
+    for batch, reused in (([context, prompts[2]], True), ([context, prompts[2], context[::-1]], False)):
+        widths.clear()
+        got = gen.generate(batch, params)
+        assert (widths[0] < len(context)) == reused
+        expected = fresh.generate(batch, params)
+        assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs),
+                                       atol=1e-5, rtol=1e-5)
+        gen.prefix.clear()
+        gen.generate([prompts[1]], params)
+
+
+def test_kept_states_are_dropped_when_the_weights_change(tok, prompts):
+    model = tiny_model(3, tok)
+    gen = make_generator("hf", model=model, tokenizer=tok)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    first = gen.generate(prompts, params)
+    assert gen.prefix.entries
+    with torch.no_grad():  # an in-place update, as an optimizer step or load_state_dict does
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    contexts = [p + c.token_ids for p, c in zip(prompts, first)]
+    after = gen.generate(contexts, params)
+    expected = make_generator("hf", model=model, tokenizer=tok, prefix_cache_bytes=0).generate(
+        contexts, params)
+    assert [c.token_ids for c in after] == [c.token_ids for c in expected]
+    for prompt, c in zip(contexts, after):
+        torch.testing.assert_close(torch.tensor(c.logprobs),
+                                   recomputed_logprobs(model, prompt, c.token_ids, 1.0),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_kept_states_stay_within_their_budget(model, tok, prompts):
+    one_entry = make_generator("hf", model=model, tokenizer=tok)
+    one_entry.generate(prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))
+    budget = one_entry.prefix.bytes * 2  # room for about two of these sequences
+    gen = make_generator("hf", model=model, tokenizer=tok, prefix_cache_bytes=budget)
+    gen.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))
+    assert 0 < gen.prefix.bytes <= budget and len(gen.prefix.entries) < len(prompts)
+    with pytest.raises(ValueError, match="prefix_cache_bytes"):
+        make_generator("hf", model=model, tokenizer=tok, prefix_cache_bytes=-1)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"stop": ("",)}],

@@ -19,6 +19,7 @@ to ~2 min on this machine; the module takes ~5 min, one restart included.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -248,13 +249,30 @@ def test_tir_train_on_a_server_it_is_given(gen, model, tok, tmp_path):
     gen.update_weights(model)  # give the module's model back to the server
 
 
+def test_tir_eval_on_a_server_loads_the_model_it_is_given(gen, model, tok, tmp_path):
+    tiny = save_tiny(tmp_path / "tiny", seed=6)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny), "--backend", "vllm-server", "--server-url", gen.base_url,
+        "--limit", "2", "--max-new-tokens", "16", "--max-turns", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert summary["backend"] == "vllm-server" and summary["problems"] == 2
+    assert summary["infra_errors"] == 0
+    prompt = chat(tok, "Sum 1 to 4.")  # the server now samples from the evaluated model
+    [sample] = gen.generate([prompt], SamplingParams(max_new_tokens=12, seed=4))
+    evaluated = AutoModelForCausalLM.from_pretrained(tiny)
+    assert max_logprob_gap(evaluated, [prompt], [sample], 1.0) < LOGPROB_TOLERANCE
+    gen.update_weights(model)  # give the module's model back to the server
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--server-url", "http://127.0.0.1:1/v1"], "need --backend vllm-server"),
     (["--backend", "vllm-server", "--server-url", "http://h:1/v1", "--vllm-args", "-x"],
      "one or the other"),
     (["--backend", "vllm-server", "--server-url", "h:1"], "http"),
     (["--backend", "vllm-server", "--vllm-python", "/nonexistent/python"], "/nonexistent/python"),
-    (["--backend", "sglang"], "hf or vllm-server"),
+    (["--backend", "sglang"], "one of hf, hf-continuous or vllm-server"),
     (["--backend", "vllm-server", "--server-url", "http://h:1/v1", "--nproc", "2"],
      "serves one training process"),
 ])

@@ -1,7 +1,9 @@
 """The default backend: transformers' ``generate`` on the policy model itself (no weight sync).
 
 All prompts go through one left-padded batch with a KV cache (or chunks of ``max_batch_size``,
-sorted by length so chunks pad little). Two small hooks ride along inside ``generate``:
+sorted by length so chunks pad little). The keys and values of each finished sequence are kept
+(``algos.generation.prefix_cache``) so that a later turn of the same episode, or a group's copies
+of one prompt, are not prefilled again. Two small hooks ride along inside ``generate``:
 
 - a logits processor records each sampled token's logprob, ``log_softmax(logits / T)``, from the
   raw logits before temperature and top-p are applied (those run after it, as our own warpers), so
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 
 import torch
 from transformers import (
@@ -28,6 +31,7 @@ from transformers import (
 )
 
 from algos.generation.base import Completion, Generator, SamplingParams, check_prompts
+from algos.generation.prefix_cache import Layout, PrefixCache, left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,9 @@ class HFGenerator(Generator):
     ``model`` must be the unwrapped causal LM that the trainer updates (not a DDP/accelerate
     wrapper, and for PPO ``PolicyWithValue.policy``); since it is the same object,
     ``update_weights`` has nothing to do.
+
+    ``prefix_cache_bytes`` bounds the keys and values kept between calls (0 keeps none); kept
+    states are dropped as soon as any parameter of the model changes in place.
     """
 
     def __init__(
@@ -46,15 +53,20 @@ class HFGenerator(Generator):
         tokenizer: PreTrainedTokenizerBase,
         *,
         max_batch_size: int | None = None,
+        prefix_cache_bytes: int = 1 << 30,
     ):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
+        prefix = PrefixCache(model, prefix_cache_bytes) if prefix_cache_bytes else None
+        self.prefix = prefix if prefix is not None and prefix.supported else None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         check_prompts(prompts)
@@ -82,11 +94,8 @@ class HFGenerator(Generator):
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         device = self.model.device
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = left_pad(prompts, width, self.pad_id)
+        layout = self._reuse(prompts, width)
 
         recorder = _LogprobRecorder(params.temperature if not params.greedy else 1.0)
         processors = LogitsProcessorList([recorder])
@@ -109,16 +118,19 @@ class HFGenerator(Generator):
             top_k=None if params.greedy else 0,  # None would be filled with top_k=50
             use_cache=True,
         )
+        cache = {self.prefix.cache_kwarg: layout.cache} if layout.cache is not None else {}
         try:
-            sequences = self.model.generate(
+            output = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 logits_processor=processors,
                 stopping_criteria=StoppingCriteriaList([stopper] if stopper else []),
+                return_dict_in_generate=True,
+                **cache,
             )
         finally:
             self.model.generation_config = model_config
-        generated = sequences[:, width:]
+        generated = output.sequences[:, width:]
         logprobs = recorder.finish(generated).tolist()
         generated = generated.tolist()
 
@@ -140,7 +152,35 @@ class HFGenerator(Generator):
                     finish_reason=reason,
                 )
             )
+        if self.prefix is not None:
+            self._keep(output, prompts, completions, width)
         return completions
+
+    def _reuse(self, prompts: list[list[int]], width: int) -> Layout:
+        """The batch's cache from kept states; a prompt that several rows share (a group's
+        samples) is prefilled here once, up to its last token."""
+        if self.prefix is None:
+            return Layout(None, 0)
+        self.prefix.sync_weights()
+        shared = [list(p[:-1]) for p, n in Counter(map(tuple, prompts)).items()
+                  if n > 1 and len(p) > 1 and self.prefix.longest_prefix(list(p))[1] < len(p) - 1]
+        if shared:
+            self.prefix.prefill(shared, self.pad_id)
+        return self.prefix.assemble(prompts, width)
+
+    def _keep(self, output, prompts: list[list[int]], completions: list[Completion],
+              width: int) -> None:
+        """Keep each row's prompt and completion states (all but the last sampled token, which
+        was never fed back), in place of the shorter ones this call started from."""
+        cache = getattr(output, self.prefix.cache_kwarg, None)
+        if cache is None:
+            return
+        for prompt in prompts:
+            key, _ = self.prefix.longest_prefix(prompt)
+            if key is not None:
+                self.prefix.discard(key)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            self.prefix.keep(cache, row, width - len(prompt), prompt + completion.token_ids[:-1])
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
