@@ -264,9 +264,11 @@ class EpisodeScheduler:
 
     - ``generator.concurrency > 1`` (it batches across calls): one call per turn, up to that many
       calls at once, so its own scheduler sees every live episode;
-    - otherwise one call holds every pending turn; while env steps are still running it waits for
-      them up to ``batch_wait_s`` (they usually take milliseconds), so later turns are not decoded
-      at a small batch while the others' observations are about to arrive.
+    - otherwise one call holds every pending turn, and it waits for the env steps still running:
+      each call then holds every live episode's turn, the batches lockstep makes, so a seeded
+      rollout samples the same episodes whatever the machine's load. ``batch_wait_s`` bounds that
+      wait instead (a slow tool call then holds back no other episode, but which turns share a
+      call, and so what a seeded call samples, depends on timing).
 
     ``events`` records the schedule: ``("send", episode, turn)`` when a turn goes to the generator,
     ``("generated", episode, turn)`` when it comes back, ``("stepped", episode, turn)`` when the env
@@ -274,7 +276,7 @@ class EpisodeScheduler:
     """
 
     def __init__(self, pool, generator: Generator, tokenizer, sampling: SamplingParams,
-                 max_total_tokens: int, batch_wait_s: float = 1.0):
+                 max_total_tokens: int, batch_wait_s: float | None = None):
         self.pool = pool
         self.generator = generator
         self.tokenizer = tokenizer
@@ -319,6 +321,8 @@ class EpisodeScheduler:
                 self._call(calls, [episode])
             return None
         if not self._ready or self._calls:
+            return None
+        if self._steps and self.batch_wait_s is None:
             return None
         waited = time.perf_counter() - min(self._ready.values())
         if self._steps and waited < self.batch_wait_s:

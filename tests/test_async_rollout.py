@@ -64,6 +64,9 @@ def comparable(trajectory):
     turns = []
     for turn in trajectory.turns:
         info = {k: v for k, v in turn.info.items() if k != "exec"}
+        # a vector env's infos put every sub-env's "correct" into one array typed by the first
+        # value it sees, so lockstep reads an ungraded turn's None as False when a sibling's is bool
+        info["correct"] = bool(info.get("correct"))
         exec_ = {k: v for k, v in turn.info.get("exec", {}).items() if k != "duration_s"}
         turns.append((turn.generated_ids, turn.logprobs, turn.env_ids, turn.reward, info, exec_,
                       turn.finish_reason))
@@ -104,10 +107,15 @@ def test_continuous_backend_returns_sampled_ids_logprobs_and_stops(tokenizer):
         generator.generate([prompt], SamplingParams(max_new_tokens=4, top_p=0.9))
 
 
-def test_async_collect_equals_lockstep_with_the_hf_backend(tokenizer):
+SLOW_CODE = "```python\nimport time\ntime.sleep(2)\nprint(2)\n```\n"
+
+
+@pytest.mark.parametrize("first_code", [CODE, SLOW_CODE], ids=["fast-tools", "a-slow-tool"])
+def test_async_collect_equals_lockstep_with_the_hf_backend(tokenizer, first_code):
     """With a backend that batches within a call, the scheduler sends each turn round as one call
-    once the env steps are back, so under a fixed seed it records what lockstep records."""
-    model, _ = taught_model(tokenizer, {p: CODE for p in PROBLEMS})
+    once the env steps are back, so under a fixed seed it records what lockstep records, even
+    when one episode's tool call takes seconds while the others' take milliseconds."""
+    model, _ = taught_model(tokenizer, {PROBLEMS[0]: first_code, PROBLEMS[1]: CODE})
     generator = HFGenerator(model, tokenizer)
     vec_env, sandbox = make_vec_env("TIR-Math-v0", 5, tokenizer, ROLLOUT)
     try:
