@@ -48,7 +48,7 @@ class PrefixCache:
         self._weights_version: tuple[int, ...] | None = None
         self.supported = supports_prefix_reuse(model)
         forward = inspect.signature(model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"  # transformers < 5.25
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"  # older 5.x name
 
     def sync_weights(self) -> None:
         """Drop every entry when any parameter changed since the entries were made."""
