@@ -13,7 +13,8 @@ Episodes advance independently: the sub-envs step one at a time through an env p
 (``algos.envpool``), and each turn goes to the generator as soon as its episode's observation is
 back (``EpisodeScheduler``). A backend that batches across calls (``Generator.concurrency > 1``:
 transformers' continuous batching, a server) gets one call per turn the moment it is ready; a
-backend that batches within a call gets every pending turn in one call. A vector env without
+backend that batches within a call gets every live episode's turn in one call, once the env
+steps in flight are back (the batches lockstep makes). A vector env without
 sub-envs to step alone (``AsyncVectorEnv``) runs in lockstep instead (``collect_lockstep``).
 """
 
