@@ -75,9 +75,7 @@ class PrefixCache:
     def put(self, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
         if not tokens or kv.numel() * kv.element_size() > self.max_bytes:
             return
-        old = self.entries.pop(tokens, None)
-        if old is not None:
-            self.bytes -= old.numel() * old.element_size()
+        self.discard(tokens)
         self.entries[tokens] = kv
         self.bytes += kv.numel() * kv.element_size()
         while self.bytes > self.max_bytes:
