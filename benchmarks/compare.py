@@ -13,8 +13,14 @@ the same evaluation. Two phases:
    problems. Seed k of every method starts from the same checkpoint, samples the same first
    prompts and evaluates with the same sampling seed, so differences are paired by seed.
 
+Findings picked from the first seeds are retested on later ones (``CONFIRMATION``): the report's
+confirmatory section counts only those seeds, with Holm's correction over its tests.
+
     python benchmarks/compare.py             # sweep, then the main comparison (resumable)
     python benchmarks/compare.py --smoke     # minutes, into a temp dir: a check, not a result
+    python benchmarks/compare.py --phase main --seeds 10 \
+        --methods gtpo gtpo+drop-flat-groups gtpo+clip-higher   # the confirmatory seeds 5-9
+    python benchmarks/compare.py --report-only --seeds 10     # the report over every method
 
 Held-out accuracy is pass@1 sampled at temperature 1 (the policy RL trains, not its greedy mode),
 8 samples of each of 64 problems. A run's score is the mean of its last 3 evaluations, which
@@ -84,6 +90,26 @@ METHODS: dict[str, tuple[str, dict]] = {
 }
 """Method name -> (registered algorithm, config overrides on top of ``Budget``'s shared ones).
 ``gtpo-no-grad-clip``'s bound of 1e6 is far above any gradient norm these runs see."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Confirmation:
+    """Exploratory findings retested on fresh seeds: each ``(a, b)`` test is the paired
+    difference ``a - b`` over ``seeds`` alone, with Holm's correction over the tests at ``alpha``.
+    A finding picked because it looked best on some seeds is biased upwards on them; only seeds
+    that played no part in picking it can confirm it."""
+
+    tests: tuple[tuple[str, str], ...]
+    seeds: tuple[int, ...]
+    alpha: float = 0.05
+
+
+CONFIRMATION = Confirmation(
+    tests=(("gtpo+drop-flat-groups", "gtpo"), ("gtpo+clip-higher", "gtpo")),
+    seeds=(5, 6, 7, 8, 9),
+)
+"""Registered before seeds 5-9 ran: on seeds 0-4 these two stabilisers' intervals against GTPO
+excluded 0 (p 0.029 and 0.020), but not after Holm's correction over all six stabilisers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +451,31 @@ def paired_difference(runs: dict[str, dict[int, dict]], a: str, b: str) -> dict 
     return {"seeds": seeds, "diffs": diffs, "mean": mean, "ci95": [low, high]}
 
 
+def confirm(runs: dict[str, dict[int, dict]], confirmation: Confirmation) -> list[dict]:
+    """Each test of ``confirmation`` on its seeds that both methods finished: the paired
+    difference, its two-sided paired t-test p-value and whether Holm's step-down procedure
+    rejects "no difference" (``confirmed``; never before every seed has run)."""
+    from scipy import stats
+
+    rows = []
+    for a, b in confirmation.tests:
+        seeds = [s for s in confirmation.seeds if s in runs.get(a, {}) and s in runs.get(b, {})]
+        if not seeds:
+            continue
+        diffs = [runs[a][s]["final"] - runs[b][s]["final"] for s in seeds]
+        mean, low, high = t_interval(diffs)
+        p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if len(diffs) > 1 else float("nan")
+        rows.append({"test": f"{a} - {b}", "seeds": seeds, "diffs": diffs, "mean": mean,
+                     "ci95": [low, high], "p": p,
+                     "complete": len(seeds) == len(confirmation.seeds)})
+    rejecting = len(rows) == len(confirmation.tests) and all(r["complete"] for r in rows)
+    for rank, row in enumerate(sorted(rows, key=lambda r: (np.isnan(r["p"]), r["p"]))):
+        row["holm_threshold"] = confirmation.alpha / (len(confirmation.tests) - rank)
+        rejecting = rejecting and row["p"] < row["holm_threshold"]
+        row["confirmed"] = rejecting
+    return rows
+
+
 def verdict(diff: dict | None) -> str:
     """The honest sentence on GTPO vs GRPO, in points of held-out accuracy."""
     if diff is None:
@@ -500,6 +551,24 @@ def write_markdown(path: Path, results: dict, title: str) -> None:
             lines.append(f"- {name}: {100 * diff['mean']:+.1f} points, 95% CI "
                          f"[{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}] "
                          f"(paired over {len(diff['seeds'])} seeds)")
+    if results["confirmation"]:
+        seeds = CONFIRMATION.seeds
+        lines += [
+            "", f"## Confirmatory retest (seeds {seeds[0]}-{seeds[-1]})", "",
+            "Registered in advance, on seeds that played no part in picking the tests; "
+            f"Holm's correction over the {len(CONFIRMATION.tests)} tests at "
+            f"{100 * CONFIRMATION.alpha:g}% (two-sided paired t-tests).", "",
+            "| test | seeds | difference | 95% CI (t) | p | Holm threshold | confirmed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in results["confirmation"]:
+            low, high = row["ci95"]
+            ci = "n/a" if low is None else f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+            verdict_cell = ("yes" if row["confirmed"] else
+                            "no" if row["complete"] else "not yet: seeds missing")
+            lines.append(f"| {row['test']} | {len(row['seeds'])} | {100 * row['mean']:+.1f} | "
+                         f"{ci} | {row['p']:.3f} | {row['holm_threshold']:.3f} | "
+                         f"{verdict_cell} |")
     load = machine["load_average_start"]
     lines += [
         "", "![learning curves](curves.png)", "",
@@ -630,6 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "paired": paired,
         "verdict": verdict(paired.get("gtpo - grpo")),
+        "confirmation": confirm(runs, CONFIRMATION),
         "seconds_per_run_median": float(np.median(
             [r["seconds"] for r in sweep.values()]
             + [r["seconds"] for by_seed in runs.values() for r in by_seed.values()])),

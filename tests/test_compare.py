@@ -53,6 +53,41 @@ def test_t_interval_and_verdict():
                                        "ci95": [-0.09, -0.01]})
 
 
+def test_confirmation_uses_only_its_seeds_and_holms_step_down():
+    confirmation = compare.Confirmation(tests=(("a", "base"), ("b", "base")), seeds=(2, 3, 4))
+
+    def runs_of(scores):
+        return {seed: {"final": score} for seed, score in enumerate(scores)}
+
+    base = [0.40, 0.40, 0.40, 0.41, 0.39]
+    # Seeds 0-1 (exploratory) would make "b" look large; only seeds 2-4 count.
+    runs = {"base": runs_of(base), "a": runs_of([0.9, 0.9, 0.45, 0.46, 0.44]),
+            "b": runs_of([0.9, 0.9, 0.41, 0.40, 0.41])}
+    a_row, b_row = compare.confirm(runs, confirmation)
+    assert a_row["seeds"] == b_row["seeds"] == [2, 3, 4]
+    assert a_row["mean"] == pytest.approx(0.05)
+    assert b_row["mean"] == pytest.approx(0.02 / 3)
+    assert a_row["p"] == pytest.approx(0.0, abs=1e-9)  # the same +0.05 on every seed
+    # Holm: the smallest p is held to alpha / 2, the next to alpha / 1.
+    assert a_row["holm_threshold"] == pytest.approx(0.025)
+    assert b_row["holm_threshold"] == pytest.approx(0.05)
+    assert a_row["confirmed"] and not b_row["confirmed"]
+
+    # Step-down: once the smallest p fails alpha / 2, the next is not rejected at alpha / 1
+    # even though its own p is below alpha.
+    runs["a"] = runs_of([0.9, 0.9, 0.45, 0.44, 0.45])  # differences .05 .03 .06: p 0.034
+    runs["b"] = runs_of([0.9, 0.9, 0.45, 0.44, 0.46])  # differences .05 .03 .07: p 0.049
+    a_row, b_row = compare.confirm(runs, confirmation)
+    assert a_row["p"] < b_row["p"] < 0.05 and a_row["holm_threshold"] == pytest.approx(0.025)
+    assert not a_row["confirmed"] and not b_row["confirmed"]
+
+    # Nothing is confirmed while a seed is missing.
+    del runs["a"][4]
+    rows = {row["test"]: row for row in compare.confirm(runs, confirmation)}
+    assert not rows["a - base"]["complete"] and rows["a - base"]["seeds"] == [2, 3]
+    assert not any(row["confirmed"] for row in rows.values())
+
+
 def test_smoke_run_sweeps_then_compares_writes_report_and_resumes(tmp_path):
     argv = ["--smoke", "--out", str(tmp_path), "--methods", "gtpo", "grpo", "gtpo-gamma1",
             "--method-seeds", "gtpo-gamma1=1", "--jobs", "1"]
