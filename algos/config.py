@@ -71,10 +71,10 @@ class AlgoConfig:
     """PPO clip below: the ratio's lower bound is 1 - clip_low (0.2, Schulman et al. 2017)."""
     clip_high: float = 0.2
     """PPO clip above: the upper bound is 1 + clip_high. DAPO's clip-higher uses 0.28 so
-    low-probability tokens can grow, which keeps entropy from collapsing. 0.2 stays the default
-    until a confirmatory run: on ``benchmarks/compare.py`` 0.28 scored +2.0 points over GTPO
-    [+0.5, +3.5] (5 paired seeds), one of 6 stabilisers tested, which a multiple-comparison
-    correction does not keep (README, "Algorithm comparison")."""
+    low-probability tokens can grow, which keeps entropy from collapsing. 0.2 stays the default:
+    on ``benchmarks/compare.py`` 0.28 scored +2.0 points over GTPO [+0.5, +3.5] on 5 paired
+    seeds, one of 6 stabilisers tested, and a confirmatory retest on 5 fresh seeds gave -0.3
+    [-1.7, +1.2] (README, "Algorithm comparison")."""
     loss_aggregation: str = "token_mean"
     """How token losses become one number: token_mean (every generated token weighs the same;
     DAPO, verl default), seq_mean (mean per sequence, then over sequences: GRPO paper; long
@@ -118,8 +118,8 @@ class AlgoConfig:
     sampling without the resampling). keep by default, as GRPO and TRL define the loss; drop
     scales the step up as groups saturate, which is what DAPO wants and a small model may not.
     drop was the best GTPO variant on ``benchmarks/compare.py`` (+2.2 points [+0.4, +4.0] over
-    5 paired seeds) but, one of 6 stabilisers tested, it does not survive a multiple-comparison
-    correction; it becomes the default if a confirmatory run on new seeds agrees."""
+    5 paired seeds, one of 6 stabilisers tested), but a confirmatory retest on 5 fresh seeds
+    gave -0.2 [-2.6, +2.2], so keep stays the default."""
     skip_flat_rows: bool = True
     """Leave rows whose advantages are all 0 out of the update's forward pass when no KL,
     entropy or value term reads them. They still count in the loss normaliser, so the gradient
