@@ -1,14 +1,18 @@
-"""Rollout throughput: episodes in lockstep against episodes advancing on their own.
+"""Rollout throughput: today's path against finished rows leaving the batch, kept KV states and
+episodes advancing on their own.
 
 The main job's rollout shape (``algos.cli.MAIN_JOB``: 4 prompts x 4 samples, 48 new tokens a turn,
 2 turns, 512 tokens an episode, temperature 0.8, stop at the closing code fence) on its procedural
-problem kinds and system prompt, with the real local sandbox and grader. Four ways to collect the
-same problems, interleaved round by round in one process (the machine is shared, so the ratio of
-runs seconds apart tells more than either number):
+problem kinds and system prompt, with the real local sandbox and grader. Several ways to collect
+the same problems, interleaved round by round in one process (the machine is shared, so the ratio
+of runs seconds apart tells more than either number):
 
-- ``lockstep``: the baseline, ``collect_lockstep`` with the ``hf`` backend keeping no KV states
-  between calls (one ``generate`` per turn round for all live episodes, then one vector-env step;
-  every turn prefills its whole context, and a group prefills its one prompt once per sample);
+- ``generate``: the baseline, the path before any of the others: ``collect_lockstep`` (one call
+  per turn round for all live episodes, then one vector-env step) with transformers'
+  ``model.generate``, which decodes every row until the longest ends and keeps nothing between
+  calls (every turn prefills its whole context, a group prefills its one prompt once per sample);
+- ``lockstep``: ``collect_lockstep`` with ``hf`` keeping no KV states, whose decode loop drops each
+  row from the batch the step it finishes;
 - ``lockstep-prefix``: the same with ``hf``'s kept states (``algos.generation.prefix_cache``);
 - ``async-hf``: ``collect`` (the episode scheduler over a thread env pool) with ``hf`` and its kept
   states, which batches whatever turns are pending in one call: what ``tir train`` runs;
@@ -43,7 +47,59 @@ from algos.evaluation.report import md_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.async_rollout")
 
-MODES = ("lockstep", "lockstep-prefix", "async-hf", "async-cb")
+MODES = ("generate", "lockstep", "lockstep-prefix", "async-hf", "async-cb")
+BASELINE = "generate"
+
+
+def generate_baseline(model, tokenizer):
+    """The ``generate`` mode's backend: ``model.generate`` with transformers' own stop strings,
+    logprobs from its returned logits (``log_softmax(logits / T)`` at each sampled id)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from algos.generation.base import Completion, Generator
+    from algos.generation.hf import eos_token_ids
+    from algos.generation.prefix_cache import left_pad
+
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    def end_of(ids: list[int], stops: tuple[str, ...]) -> tuple[int, str]:
+        for n, token in enumerate(ids, 1):
+            if token in eos:
+                return n, "eos"
+            if any(stop in tokenizer.decode(ids[max(0, n - 8) : n]) for stop in stops):
+                return n, "stop"
+        return len(ids), "length"
+
+    class GenerateBaseline(Generator):
+        @torch.no_grad()
+        def generate(self, prompts, params):
+            width = max(map(len, prompts))
+            input_ids, attention_mask = left_pad(prompts, width, pad)
+            config = GenerationConfig(
+                max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
+                temperature=None if params.greedy else params.temperature, top_p=params.top_p,
+                top_k=None if params.greedy else 0, eos_token_id=eos, pad_token_id=pad,
+                stop_strings=list(params.stop) or None, output_logits=True,
+                return_dict_in_generate=True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0 if params.seed is None else params.seed)
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=config, tokenizer=tokenizer)
+            sequences = out.sequences[:, width:]
+            logits = torch.stack(out.logits, dim=1).float() / (params.temperature or 1.0)
+            logprobs = torch.log_softmax(logits, -1).gather(2, sequences[:, :, None])[..., 0]
+            completions = []
+            for ids, lps in zip(sequences.tolist(), logprobs.tolist()):
+                n, reason = end_of(ids, params.stop)
+                completions.append(Completion(token_ids=ids[:n], logprobs=lps[:n],
+                                              finish_reason=reason,
+                                              text=tokenizer.decode(ids[:n],
+                                                                    skip_special_tokens=True)))
+            return completions
+
+    return GenerateBaseline()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -72,7 +128,8 @@ def run(args: argparse.Namespace) -> dict:
         env_kwargs={"problems": problems, "system_prompt": WarmupConfig().system_prompt},
     )
     modes = args.modes
-    backends = {"lockstep": HFGenerator(model, tokenizer, prefix_cache_bytes=0),
+    backends = {"generate": generate_baseline(model, tokenizer),
+                "lockstep": HFGenerator(model, tokenizer, prefix_cache_bytes=0),
                 "lockstep-prefix": HFGenerator(model, tokenizer),
                 "async-hf": HFGenerator(model, tokenizer),
                 "async-cb": ContinuousHFGenerator(model, tokenizer)}
@@ -88,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                       "load": os.getloadavg()[0]}
             for mode in modes:
                 generator = backends[mode]
-                collect_fn = collect_lockstep if mode.startswith("lockstep") else collect
+                collect_fn = collect if mode.startswith("async") else collect_lockstep
                 started = time.perf_counter()
                 trajectories = collect_fn(vec_env, generator, tokenizer, ids, group, params,
                                           max_total_tokens=rollout.max_total_tokens)
@@ -117,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summarize(report: dict) -> dict:
-    """Medians over the measured rounds; ratios per round against lockstep, then the median."""
+    """Medians over the measured rounds; ratios per round against the baseline, then the
+    median."""
     rows = [r for r in report["rounds"] if not r["warmup"]]
     out = {}
     for mode in report["modes"]:
@@ -125,8 +183,8 @@ def summarize(report: dict) -> dict:
             key: statistics.median(r[mode][key] for r in rows)
             for key in ("seconds", "generated_tokens", "tokens_per_s", "turns_mean")
         }
-        out[mode]["vs_lockstep"] = statistics.median(
-            r[mode]["tokens_per_s"] / r["lockstep"]["tokens_per_s"] for r in rows
+        out[mode]["vs_baseline"] = statistics.median(
+            r[mode]["tokens_per_s"] / r[BASELINE]["tokens_per_s"] for r in rows
         )
     return out
 
@@ -134,7 +192,8 @@ def summarize(report: dict) -> dict:
 def render(report: dict) -> str:
     m, s = report["machine"], report["summary"]
     lines = [
-        "# Rollout throughput: today's path against kept KV states and asynchronous episodes",
+        "# Rollout throughput: `model.generate` in lockstep against our decode loop, kept KV "
+        "states and asynchronous episodes",
         "",
         f"{m['date']} · {m['cpu']} · {m['cpus']} cores · torch {m['torch']} · "
         f"transformers {m['transformers']} · commit {m['commit']}",
@@ -153,16 +212,18 @@ def render(report: dict) -> str:
         "",
     ]
     lines += md_table(
-        ["mode", "rollout s", "generated tokens", "rollout tok/s", "vs lockstep", "turns"],
+        ["mode", "rollout s", "generated tokens", "rollout tok/s", f"vs {BASELINE}", "turns"],
         [[mode, f"{s[mode]['seconds']:.1f}", f"{s[mode]['generated_tokens']:.0f}",
-          f"{s[mode]['tokens_per_s']:.1f}", f"{s[mode]['vs_lockstep']:.2f}",
+          f"{s[mode]['tokens_per_s']:.1f}", f"{s[mode]['vs_baseline']:.2f}",
           f"{s[mode]['turns_mean']:.2f}"] for mode in report["modes"]],
     )
     lines += [
         "",
-        "vs lockstep: each round's tokens/s over that round's lockstep tokens/s, median over "
-        "rounds. lockstep: `collect_lockstep` + `hf` keeping no KV states between calls (the "
-        "baseline); lockstep-prefix: the same with `hf`'s kept states; async-hf: `collect` + `hf` "
+        f"vs {BASELINE}: each round's tokens/s over that round's {BASELINE} tokens/s, median "
+        "over rounds. generate: `collect_lockstep` + transformers' `model.generate`, every row "
+        "decoded until the longest ends, no KV states kept between calls (the baseline); "
+        "lockstep: `collect_lockstep` + `hf`, whose finished rows leave the batch, keeping no "
+        "states; lockstep-prefix: the same with `hf`'s kept states; async-hf: `collect` + `hf` "
         "with kept states (what `tir train` runs); async-cb: `collect` + `hf-continuous`. "
         "Per-round numbers are in `async_rollout.json`.",
         "",
@@ -179,8 +240,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    if "lockstep" not in args.modes:
-        parser.error("--modes needs lockstep: every ratio is taken against it")
+    if BASELINE not in args.modes:
+        parser.error(f"--modes needs {BASELINE}: every ratio is taken against it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()
     info = machine_info()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from algos.generation import Completion, GenerationError, SamplingParams, make_generator
-from algos.tiny import teach, tiny_model, tiny_tokenizer
+from algos.tiny import teach, tiny_config, tiny_model, tiny_tokenizer
 
 TURN = "I will compute it.\n```python\nprint(2 + 3)\n```\nDone."
 
@@ -111,6 +111,63 @@ def test_sequences_stop_independently(taught, tok):
     out = gen.generate([ps[0], other], SamplingParams(max_new_tokens=30, temperature=0, stop=("```\n",)))
     assert out[0].finish_reason == "stop" and out[0].text.endswith("```\n")
     assert out[1].finish_reason == "length" and len(out[1].token_ids) == 30
+
+
+def test_finished_rows_leave_the_batch(taught, tok):
+    model, ps = taught
+    gen = make_generator("hf", model=model, tokenizer=tok)
+    other = chat(tok, "Find n such that n*n = 49")  # untaught: runs to max_new_tokens
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        out = gen.generate([ps[0], other, ps[1]],
+                           SamplingParams(max_new_tokens=30, temperature=0, stop=("```\n",)))
+    finally:
+        hook.remove()
+    turn = len(out[0].token_ids)
+    assert [c.finish_reason for c in out] == ["stop", "length", "stop"]
+    assert len(out[2].token_ids) == turn < 30
+    # the prefill and the steps until the fence at batch 3, then only the untaught row
+    assert rows == [3] * turn + [1] * (30 - turn)
+
+
+def sliding_window_model(tok):
+    """A tiny Mistral with a sliding window: its cache layers are not plain ``DynamicLayer``s,
+    so nothing is kept between calls and finished rows stay in the batch, fed padding."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    llama = tiny_config(tok).to_dict()
+    fields = MistralConfig().to_dict()
+    config = MistralConfig(**{k: v for k, v in llama.items()
+                              if k in fields and k not in ("model_type", "architectures")},
+                           sliding_window=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "sliding-window"])
+def test_rows_that_stop_early_change_no_other_row(tok, prompts, arch):
+    """Rows end at different steps (taught turns of different lengths), and every row is what
+    it would be alone: with finished rows dropped (llama) or fed padding
+    (sliding window)."""
+    model = tiny_model(6, tok) if arch == "llama" else sliding_window_model(tok)
+    turns = [f"{'step ' * k}```python\nprint({k})\n```\n" for k in (0, 2, 5)]
+    model = teach(model, [(p, tok(t, add_special_tokens=False)["input_ids"])
+                          for p, t in zip(prompts, turns)])
+    gen = make_generator("hf", model=model, tokenizer=tok)
+    assert (gen.prefix is None) == (arch == "sliding-window")
+    params = SamplingParams(max_new_tokens=40, temperature=0, stop=("```\n",))
+    batched = gen.generate(prompts, params)
+    assert [c.text for c in batched[:3]] == turns
+    assert [c.finish_reason for c in batched[:3]] == ["stop"] * 3
+    for prompt, b in zip(prompts, batched):
+        [single] = gen.generate([prompt], params)
+        assert b.token_ids == single.token_ids and b.finish_reason == single.finish_reason
+        torch.testing.assert_close(torch.tensor(b.logprobs),
+                                   recomputed_logprobs(model, prompt, b.token_ids, 1.0),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_length_and_empty_batch(model, tok, prompts):

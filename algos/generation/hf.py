@@ -1,14 +1,15 @@
-"""The default backend: transformers' ``generate`` on the policy model itself (no weight sync).
+"""The default backend: the policy model itself decodes (no weight sync).
 
 All prompts go through one left-padded batch with a KV cache (or chunks of ``max_batch_size``,
 sorted by length so chunks pad little). The keys and values of each finished sequence are kept
 (``algos.generation.prefix_cache``) so that a later turn of the same episode, or a group's copies
-of one prompt, are not prefilled again. Two small hooks ride along inside ``generate``:
+of one prompt, are not prefilled again.
 
-- a logits processor records each sampled token's logprob, ``log_softmax(logits / T)``, from the
-  raw logits before temperature and top-p are applied (those run after it, as our own warpers), so
-  memory stays one ``[batch, vocab]`` tensor instead of ``output_logits``' ``[steps, batch, vocab]``;
-- a stopping criterion ends each sequence on its own once its generated text contains a stop string.
+The decode loop is ours rather than ``model.generate``'s because a turn ends at different steps in
+different rows (most at the closing code fence, a few at the token limit): ``generate`` computes
+every row until the longest ends, while here a finished row leaves the batch, and on a CPU a
+decode step's cost grows with the rows it computes. Each sampled token's logprob is recorded as
+``log_softmax(logits / T)`` from the raw logits, before top-p.
 """
 
 from __future__ import annotations
@@ -18,26 +19,22 @@ import logging
 from collections import Counter
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, TopPLogitsWarper
 
 from algos.generation.base import Completion, Generator, SamplingParams, check_prompts
-from algos.generation.prefix_cache import Layout, PrefixCache, left_pad
+from algos.generation.prefix_cache import (
+    Layout,
+    PrefixCache,
+    cache_kwarg,
+    left_pad,
+    supports_prefix_reuse,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class HFGenerator(Generator):
-    """Batched ``model.generate`` returning exact sampled ids and their sampling logprobs.
+    """Batched decoding returning exact sampled ids and their sampling logprobs.
 
     ``model`` must be the unwrapped causal LM that the trainer updates (not a DDP/accelerate
     wrapper, and for PPO ``PolicyWithValue.policy``); since it is the same object,
@@ -92,69 +89,50 @@ class HFGenerator(Generator):
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        device = self.model.device
         width = max(len(p) for p in prompts)
         input_ids, attention_mask = left_pad(prompts, width, self.pad_id)
         layout = self._reuse(prompts, width)
-
-        recorder = _LogprobRecorder(params.temperature if not params.greedy else 1.0)
-        processors = LogitsProcessorList([recorder])
-        if not params.greedy and params.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-        if not params.greedy and params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-        stopper = _StopOnStrings(self.tokenizer, params.stop, width, self.eos_ids) if params.stop else None
-
-        model_config = self.model.generation_config
-        # generate() fills unset fields from the model's generation config (repetition penalty,
-        # min_p, ...), which would change the distribution we record: swap in a clean one. Temperature
-        # and top-p stay neutral here; our own warpers after the recorder apply them.
-        self.model.generation_config = GenerationConfig(
-            bos_token_id=model_config.bos_token_id,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
-            top_k=None if params.greedy else 0,  # None would be filled with top_k=50
-            use_cache=True,
-        )
-        cache = {self.prefix.cache_kwarg: layout.cache} if layout.cache is not None else {}
-        try:
-            output = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([stopper] if stopper else []),
-                return_dict_in_generate=True,
-                **cache,
-            )
-        finally:
-            self.model.generation_config = model_config
-        generated = output.sequences[:, width:]
-        logprobs = recorder.finish(generated).tolist()
-        generated = generated.tolist()
-
-        completions = []
-        for row, ids in enumerate(generated):
-            end, reason = len(ids), "length"
-            eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
-            stop_at = stopper.stopped_at.get(row) if stopper else None
-            if eos_at is not None and (stop_at is None or eos_at <= stop_at):
-                end, reason = eos_at + 1, "eos"
-            elif stop_at is not None:
-                end, reason = stop_at + 1, "stop"
-            ids = ids[:end]
-            completions.append(
-                Completion(
-                    token_ids=ids,
-                    logprobs=logprobs[row][:end],
-                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    finish_reason=reason,
-                )
-            )
-        if self.prefix is not None:
-            self._keep(output, prompts, completions, width)
-        return completions
+        if self.prefix is not None:  # this call's rows replace the entries they start from
+            for prompt in prompts:
+                key, _ = self.prefix.longest_prefix(prompt)
+                if key is not None:
+                    self.prefix.discard(key)
+        decode = _Decode(self.model, layout, input_ids, attention_mask,
+                         droppable=self.prefix is not None or supports_prefix_reuse(self.model))
+        sampler = _Sampler(params)
+        stops = _StopStrings(self.tokenizer, params.stop)
+        generated: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        reasons: list[str | None] = [None] * len(prompts)
+        logits = decode.prefill()
+        for step in range(params.max_new_tokens):
+            tokens, token_logprobs = sampler(logits)
+            finished = []
+            for i, row in enumerate(decode.rows):
+                if reasons[row] is not None:  # a finished row that its cache could not drop
+                    continue
+                token = tokens[i]
+                generated[row].append(token)
+                logprobs[row].append(token_logprobs[i])
+                if token in self.eos_ids:
+                    reasons[row] = "eos"
+                elif stops.hit(generated[row]):
+                    reasons[row] = "stop"
+                elif step == params.max_new_tokens - 1:
+                    reasons[row] = "length"
+                if reasons[row] is not None:
+                    finished.append(i)
+            if self.prefix is not None:  # all but the last sampled token, which was never fed
+                for i in finished:
+                    row = decode.rows[i]
+                    self.prefix.keep(decode.cache, i, decode.start(row),
+                                     prompts[row] + generated[row][:-1])
+            if all(reasons[row] is not None for row in decode.rows):
+                break
+            logits = decode.step(tokens, finished, self.pad_id)
+        return [Completion(token_ids=ids, logprobs=lps, finish_reason=reason,
+                           text=self.tokenizer.decode(ids, skip_special_tokens=True))
+                for ids, lps, reason in zip(generated, logprobs, reasons)]
 
     def _reuse(self, prompts: list[list[int]], width: int) -> Layout:
         """The batch's cache from kept states; a prompt that several rows share (a group's
@@ -167,20 +145,6 @@ class HFGenerator(Generator):
         if shared:
             self.prefix.prefill(shared, self.pad_id)
         return self.prefix.assemble(prompts, width)
-
-    def _keep(self, output, prompts: list[list[int]], completions: list[Completion],
-              width: int) -> None:
-        """Keep each row's prompt and completion states (all but the last sampled token, which
-        was never fed back), in place of the shorter ones this call started from."""
-        cache = getattr(output, self.prefix.cache_kwarg, None)
-        if cache is None:
-            return
-        for prompt in prompts:
-            key, _ = self.prefix.longest_prefix(prompt)
-            if key is not None:
-                self.prefix.discard(key)
-        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-            self.prefix.keep(cache, row, width - len(prompt), prompt + completion.token_ids[:-1])
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -205,66 +169,93 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-class _LogprobRecorder(LogitsProcessor):
-    """Records ``log_softmax(raw_logits / temperature)`` at each sampled token.
+class _Decode:
+    """A batch's forward passes: the prefill of what ``layout`` does not cover, then one token a
+    step for the rows still running. A row that finishes leaves the batch (its keys and values
+    are cut from the cache), so later steps compute only the live rows; with a cache that cannot
+    drop rows (``droppable`` False) finished rows are fed padding and ignored instead."""
 
-    At step t the processor sees the logits for step t and the token sampled at step t-1 (the last
-    input id), so it keeps one step's distribution pending; ``finish`` gathers the final step's.
+    def __init__(self, model: PreTrainedModel, layout: Layout, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, droppable: bool):
+        self.model = model
+        self.layout = layout
+        self.cache = layout.cache or DynamicCache(config=model.config)
+        self.cache_kwarg = cache_kwarg(model)
+        self.input_ids = input_ids
+        self.mask = attention_mask
+        self.positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.width = input_ids.shape[1]
+        self.droppable = droppable
+        self.rows = list(range(input_ids.shape[0]))
+        """The prompt index of each batch row still in the batch."""
+        self.prompt_lengths = attention_mask.sum(-1).tolist()
+
+    def start(self, row: int) -> int:
+        """The first cache column of prompt ``row`` (the ones before are its left padding)."""
+        return self.width - self.prompt_lengths[row]
+
+    def prefill(self) -> torch.Tensor:
+        fed = self.layout.length
+        return self._forward(self.input_ids[:, fed:], self.positions[:, fed:], logits_to_keep=1)
+
+    def step(self, tokens: list[int], finished: list[int], pad_id: int) -> torch.Tensor:
+        """Feed each live row its sampled token; ``finished`` (batch indices) leave first."""
+        tokens = torch.tensor(tokens, dtype=torch.long)
+        if finished and self.droppable:
+            gone = set(finished)
+            keep = torch.tensor([i for i in range(len(self.rows)) if i not in gone])
+            self.cache.batch_select_indices(keep.to(self.model.device))
+            self.rows = [self.rows[i] for i in keep.tolist()]
+            self.mask, self.positions, tokens = self.mask[keep], self.positions[keep], tokens[keep]
+        elif finished:
+            tokens[finished] = pad_id
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        return self._forward(tokens[:, None], self.positions)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **kwargs) -> torch.Tensor:
+        device = self.model.device
+        out = self.model(input_ids=input_ids.to(device), attention_mask=self.mask.to(device),
+                         position_ids=positions.to(device), use_cache=True,
+                         **{self.cache_kwarg: self.cache}, **kwargs)
+        return out.logits[:, -1].float()
+
+
+class _Sampler:
+    """Samples the next token of each row and its logprob under the sampling convention:
+    ``log_softmax(logits / T)`` at the sampled id, before top-p (greedy: T = 1)."""
+
+    def __init__(self, params: SamplingParams):
+        self.greedy = params.greedy
+        self.temperature = 1.0 if params.greedy else params.temperature
+        self.top_p = params.top_p
+
+    def __call__(self, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        scaled = logits / self.temperature
+        logprobs = torch.log_softmax(scaled, dim=-1)
+        if self.greedy:
+            tokens = logits.argmax(dim=-1)
+        else:
+            if self.top_p < 1.0:
+                scaled = TopPLogitsWarper(self.top_p)(None, scaled)
+            tokens = torch.multinomial(torch.softmax(scaled, dim=-1), num_samples=1).squeeze(1)
+        return tokens.tolist(), logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+
+
+class _StopStrings:
+    """Whether a sequence's generated text has just completed a stop string.
+
+    Only a short tail of ids is decoded per step: a stop string completed by the newest token lies
+    within its last ``len(stop bytes)`` tokens, since every token is at least one byte.
     """
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.pending: torch.Tensor | None = None
-        self.steps: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.pending is not None:
-            self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, generated: torch.Tensor) -> torch.Tensor:
-        """``[batch, steps]`` logprobs for the generated ids (padding positions included)."""
-        if self.pending is not None:
-            last = generated[:, len(self.steps) : len(self.steps) + 1]
-            self.steps.append(self.pending.gather(1, last).squeeze(1))
-            self.pending = None
-        return torch.stack(self.steps, dim=1).cpu()
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Stops each sequence once its generated text contains a stop string.
-
-    Only a short tail of generated ids is decoded per step: a stop string completed by the newest
-    token lies within its last ``len(stop bytes)`` tokens, since every token is at least one byte.
-    """
-
-    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int, eos_ids: list[int]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.stops = stops
-        self.prompt_width = prompt_width
-        self.eos_ids = set(eos_ids)
-        self.window = max(len(s.encode()) for s in stops) + 2
-        self.stopped_at: dict[int, int] = {}
-        self.ended: set[int] = set()
+        self.window = max((len(s.encode()) for s in stops), default=0) + 2
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        generated = input_ids[:, self.prompt_width :]
-        step = generated.shape[1] - 1
-        done = torch.zeros(generated.shape[0], dtype=torch.bool, device=input_ids.device)
-        last = generated[:, -1].tolist()
-        live = []
-        for row, token in enumerate(last):
-            if row in self.stopped_at:
-                done[row] = True
-            elif token in self.eos_ids:
-                self.ended.add(row)
-            elif row not in self.ended:
-                live.append(row)
-        if live:
-            tails = self.tokenizer.batch_decode(generated[live, -self.window :].tolist())
-            for row, tail in zip(live, tails):
-                if any(stop in tail for stop in self.stops):
-                    self.stopped_at[row] = step
-                    done[row] = True
-        return done
+    def hit(self, ids: list[int]) -> bool:
+        if not self.stops:
+            return False
+        tail = self.tokenizer.decode(ids[-self.window :])
+        return any(stop in tail for stop in self.stops)

@@ -47,8 +47,7 @@ class PrefixCache:
         self.bytes = 0
         self._weights_version: tuple[int, ...] | None = None
         self.supported = supports_prefix_reuse(model)
-        forward = inspect.signature(model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"  # older 5.x name
+        self.cache_kwarg = cache_kwarg(model)
 
     def sync_weights(self) -> None:
         """Drop every entry when any parameter changed since the entries were made."""
@@ -123,6 +122,11 @@ class PrefixCache:
         """Store the states of ``tokens``, which ``cache``'s row ``row`` holds from column
         ``start`` on."""
         self.put(tuple(tokens), row_states(cache, row, start, start + len(tokens)))
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The name ``model.forward`` takes its KV cache by (``past_key_values`` in older 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def supports_prefix_reuse(model: PreTrainedModel) -> bool:
