@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,34 @@ def test_tir_train_nproc_2_checkpoints_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
     assert (run_dir / "checkpoints" / "iter_000002" / "trainer.pt").is_file()
+
+
+def test_two_nodes_train_as_one_group(tmp_path):
+    """README's multi-node line, with two torchrun agents standing in for two nodes: each starts
+    one process and they meet at a c10d rendezvous on loopback, then train one iteration."""
+    model, run_dir = save_tiny(tmp_path / "tiny"), tmp_path / "run"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_id", "tir-test",
+         "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "algos.cli", "train", "--algo", "grpo",
+         "--model", str(model), "--run-dir", str(run_dir), "--iterations", "1", *TINY_RUN],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=LAUNCH_DEADLINE_S)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+        pytest.fail(f"two nodes did not finish within {LAUNCH_DEADLINE_S} s (a rank hangs?)")
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert "training grpo for 1 iterations on 2 processes" in outputs[0]
+    [row] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["update/rows_in_loss"] == 4  # 2 nodes x 1 prompt x 2 samples, summed
+    assert json.loads((run_dir / "report.json").read_text())["processes"] == 2
 
 
 @pytest.mark.parametrize("sets, message", [
