@@ -31,7 +31,6 @@ writes
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -42,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from algos.evaluation.provenance import machine_info  # noqa: E402
+from algos.evaluation.provenance import machine_info, write_benchmark  # noqa: E402
 from algos.evaluation.report import md_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.async_rollout")
@@ -250,9 +249,7 @@ def main() -> None:
     report["load_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = time.perf_counter() - started
     report["summary"] = summarize(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "async_rollout.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "async_rollout.md").write_text(render(report))
+    write_benchmark(args.out, "async_rollout", report, render(report))
     print(render(report))
 
 

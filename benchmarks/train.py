@@ -22,7 +22,8 @@ noisy, so a ratio between runs seconds apart is more telling than either absolut
 - plain ``model.generate`` on the same first-turn prompts (same sampling: temperature 1, top-k off,
   max_new_tokens), no logprob recorder, no stop strings, no env;
 - our ``hf`` generator on the same prompts, same seed, no stop string: it decodes the same tokens
-  as plain ``generate`` (checked), so the ratio is the cost of its logprob recorder.
+  as plain ``generate`` until a row ends at eos (``same_tokens_as_plain`` records whether they
+  stayed the same: from then on ours draws for the live rows only, and computes only them).
 
 The agent leaves rows whose advantages are all 0 out of the update when nothing else reads them;
 on an untrained model that is every GTPO/GRPO row, leaving no update to time. So the run sets
@@ -736,8 +737,9 @@ def _rollout_section(report: dict) -> list[str]:
             "first-turn prompts (4 problems x 4), same sampling (temperature 1, top-k off), eos only: "
             "no logprobs, no stop strings, no env; tokens counted up to eos. Backend, no stop: our "
             "`hf` generator (with its logprob recorder) on the same prompts, same seed, no stop "
-            "string, so it decodes the same tokens (`same_tokens_as_plain` in the JSON) and the ratio "
-            "is its own overhead; run in every tiny configuration and in the first default-model one. "
+            "string: the same tokens until a row ends at eos (`same_tokens_as_plain` in the JSON), "
+            "after which it draws and computes only the live rows; run in every tiny configuration "
+            "and in the first default-model one. "
             "Generate tok/s in rollout: tokens / seconds inside the generator over all turns. "
             "Rollout / plain: the whole multi-turn collection (each turn's generation, stopping at "
             "the closing code fence; env steps with sandbox and grader; tokenizing tool output) "

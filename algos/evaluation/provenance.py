@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -79,3 +80,10 @@ def machine_info(packages: tuple[str, ...] = ("torch", "transformers", "gymnasiu
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def write_benchmark(out: Path, name: str, report: dict, markdown: str) -> None:
+    """A benchmark's committed pair: ``<name>.json`` (every measurement) and ``<name>.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown)
