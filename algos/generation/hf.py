@@ -186,8 +186,7 @@ class _Decode:
         self.positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.width = input_ids.shape[1]
         self.droppable = droppable
-        self.rows = list(range(input_ids.shape[0]))
-        """The prompt index of each batch row still in the batch."""
+        self.rows = list(range(input_ids.shape[0]))  # the prompt index of each row still here
         self.prompt_lengths = attention_mask.sum(-1).tolist()
 
     def start(self, row: int) -> int:
