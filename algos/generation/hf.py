@@ -181,9 +181,10 @@ class _Decode:
         self.layout = layout
         self.cache = layout.cache or DynamicCache(config=model.config)
         self.cache_kwarg = cache_kwarg(model)
-        self.input_ids = input_ids
-        self.mask = attention_mask
-        self.positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.device = model.device
+        self.input_ids = input_ids.to(self.device)
+        self.mask = attention_mask.to(self.device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.width = input_ids.shape[1]
         self.droppable = droppable
         self.rows = list(range(input_ids.shape[0]))  # the prompt index of each row still here
@@ -199,12 +200,13 @@ class _Decode:
 
     def step(self, tokens: list[int], finished: list[int], pad_id: int) -> torch.Tensor:
         """Feed each live row its sampled token; ``finished`` (batch indices) leave first."""
-        tokens = torch.tensor(tokens, dtype=torch.long)
+        tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
         if finished and self.droppable:
             gone = set(finished)
-            keep = torch.tensor([i for i in range(len(self.rows)) if i not in gone])
-            self.cache.batch_select_indices(keep.to(self.model.device))
-            self.rows = [self.rows[i] for i in keep.tolist()]
+            kept = [i for i in range(len(self.rows)) if i not in gone]
+            keep = torch.tensor(kept, device=self.device)
+            self.cache.batch_select_indices(keep)
+            self.rows = [self.rows[i] for i in kept]
             self.mask, self.positions, tokens = self.mask[keep], self.positions[keep], tokens[keep]
         elif finished:
             tokens[finished] = pad_id
@@ -213,10 +215,8 @@ class _Decode:
         return self._forward(tokens[:, None], self.positions)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **kwargs) -> torch.Tensor:
-        device = self.model.device
-        out = self.model(input_ids=input_ids.to(device), attention_mask=self.mask.to(device),
-                         position_ids=positions.to(device), use_cache=True,
-                         **{self.cache_kwarg: self.cache}, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                         use_cache=True, **{self.cache_kwarg: self.cache}, **kwargs)
         return out.logits[:, -1].float()
 
 
