@@ -79,8 +79,7 @@ def rollouts(model_name: str, rounds: int, seed: int) -> list[dict]:
                 trajectories = collect(vec_env, generator, tokenizer, ids, group, params,
                                        max_total_tokens=rollout.max_total_tokens)
                 seconds = time.perf_counter() - started
-                generator.update_weights(model)
-                generator.prefix.clear()  # each count starts from nothing kept
+                generator.update_weights(model)  # each count starts from nothing kept
                 tokens = sum(t.num_generated for t in trajectories)
                 records.append({"round": r, "warmup": r == 0, "episodes": n, "seconds": seconds,
                                 "generated_tokens": tokens, "tokens_per_s": tokens / seconds,

@@ -270,6 +270,7 @@ def test_kept_states_are_dropped_when_the_weights_change(tok, prompts):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     contexts = [p + c.token_ids for p, c in zip(prompts, first)]
+    assert gen.prefix.entries  # the version check empties them when generation next starts
     after = gen.generate(contexts, params)
     expected = make_generator("hf", model=model, tokenizer=tok, prefix_cache_bytes=0).generate(
         contexts, params)
@@ -278,6 +279,16 @@ def test_kept_states_are_dropped_when_the_weights_change(tok, prompts):
         torch.testing.assert_close(torch.tensor(c.logprobs),
                                    recomputed_logprobs(model, prompt, c.token_ids, 1.0),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_update_weights_drops_kept_states(model, tok, prompts):
+    """Weights swapped without touching tensor versions (``param.data = ...``) are caught by the
+    trainer's ``update_weights`` call."""
+    gen = make_generator("hf", model=model, tokenizer=tok)
+    gen.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0))
+    assert gen.prefix.entries
+    gen.update_weights(model)
+    assert not gen.prefix.entries and gen.prefix.bytes == 0
 
 
 def test_kept_states_stay_within_their_budget(model, tok, prompts):

@@ -62,8 +62,15 @@ class HFGenerator(Generator):
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
-        prefix = PrefixCache(model, prefix_cache_bytes) if prefix_cache_bytes else None
-        self.prefix = prefix if prefix is not None and prefix.supported else None
+        self.rows_droppable = supports_prefix_reuse(model)
+        self.prefix = (PrefixCache(model, prefix_cache_bytes)
+                       if prefix_cache_bytes and self.rows_droppable else None)
+
+    def update_weights(self, model) -> None:
+        """Sampling reads the model itself; kept states go, in case its weights were replaced in
+        a way that left their tensor versions alone (``param.data = ...``)."""
+        if self.prefix is not None:
+            self.prefix.clear()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         check_prompts(prompts)
@@ -97,8 +104,7 @@ class HFGenerator(Generator):
                 key, _ = self.prefix.longest_prefix(prompt)
                 if key is not None:
                     self.prefix.discard(key)
-        decode = _Decode(self.model, layout, input_ids, attention_mask,
-                         droppable=self.prefix is not None or supports_prefix_reuse(self.model))
+        decode = _Decode(self.model, layout, input_ids, attention_mask, self.rows_droppable)
         sampler = _Sampler(params)
         stops = _StopStrings(self.tokenizer, params.stop)
         generated: list[list[int]] = [[] for _ in prompts]

@@ -46,7 +46,6 @@ class PrefixCache:
         self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.bytes = 0
         self._weights_version: tuple[int, ...] | None = None
-        self.supported = supports_prefix_reuse(model)
         self.cache_kwarg = cache_kwarg(model)
 
     def sync_weights(self) -> None:
