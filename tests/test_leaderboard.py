@@ -29,6 +29,7 @@ from algos.evaluation.leaderboard import (
     ModelSpec,
     SetupError,
     cell_metrics,
+    files_sha256,
     load_records,
     parse_limit,
     record_key,
@@ -316,6 +317,29 @@ def test_a_label_cannot_change_its_model(benchmarks_dir, reference, tmp_path):
     with pytest.raises(SetupError, match="label 'tiny'.*another label"):
         run_leaderboard([ModelSpec("tiny", "other/model")], _tiny_config(benchmarks_dir),
                         tmp_path, load=_no_model)
+
+
+def test_a_checkpoint_retrained_at_the_same_path_is_refused(benchmarks_dir, tmp_path, caplog):
+    """A local model is pinned by its files' hash: the same files resume, a run.json from before
+    hashes learns it, and new weights at the old path need another label."""
+    model_dir = save_tiny(tmp_path / "ckpt")
+    config, out = _tiny_config(benchmarks_dir, limit=1, samples=1), tmp_path / "lb"
+    first = run_leaderboard([ModelSpec.parse(f"ckpt={model_dir}")], config, out)
+    assert first["models"]["ckpt"]["files_sha256"] == files_sha256(model_dir)
+
+    state = json.loads((out / "run.json").read_text())
+    del state["models"]["ckpt"]["files_sha256"]
+    (out / "run.json").write_text(json.dumps(state))
+    again = run_leaderboard([ModelSpec.parse(f"ckpt={model_dir}")], config, out, load=_no_model)
+    assert again["sessions"][-1]["samples_evaluated"] == 0
+    assert "predates model hashes" in caplog.text
+    assert json.loads((out / "run.json").read_text())["models"]["ckpt"] == first["models"]["ckpt"]
+
+    save_tiny(model_dir, seed=1)
+    records = (out / RECORDS_FILE).read_text()
+    with pytest.raises(SetupError, match="label 'ckpt'.*another label"):
+        run_leaderboard([ModelSpec.parse(f"ckpt={model_dir}")], config, out, load=_no_model)
+    assert (out / RECORDS_FILE).read_text() == records
 
 
 # ------------------------------------------------------------------------------ presets, merging

@@ -8,9 +8,10 @@ Resuming: every finished chunk of samples is appended (and fsynced) to ``records
 per sample keyed by ``(model, benchmark, problem_id, sample)``. A rerun with the same ``out_dir``
 loads the file, drops duplicate keys and a line cut short by a crash, and evaluates only the keys
 that are missing, so a killed evaluation loses at most the chunk in flight and counts nothing
-twice. ``run.json`` pins the protocol, the model sources and a hash of each benchmark's problems: a
-rerun that would mix incompatible samples fails instead. ``limit`` and ``samples`` may grow between
-runs (the first N problems by index and samples 0..K-1 stay the same keys).
+twice. ``run.json`` pins the protocol, each model's source (and a hash of a local model's
+files) and a hash of each benchmark's problems: a rerun that would mix incompatible samples fails
+instead. ``limit`` and ``samples`` may grow between runs (the first N problems by index and
+samples 0..K-1 stay the same keys).
 
 Merging: that key is a record's id on every machine, so leaderboard directories made elsewhere
 (another CPU box, a GPU run with a vLLM endpoint) under the same protocol and problem files merge
@@ -131,6 +132,9 @@ class ModelSpec:
     tokenizer: str | None = None
     """Endpoint only: the model directory or hub id whose tokenizer renders prompts (the server
     receives token ids). Defaults to ``source``."""
+    files_sha256: str | None = None
+    """``files_sha256`` of a local model's directory, filled in by ``run_leaderboard``: a
+    checkpoint retrained at the same path is another model, not more samples of this one."""
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -152,7 +156,27 @@ class ModelSpec:
         out: dict[str, Any] = {"source": self.source}
         if self.endpoint:
             out.update(endpoint=self.endpoint, tokenizer=self.tokenizer or self.source)
+        if self.files_sha256:
+            out["files_sha256"] = self.files_sha256
         return out
+
+    @classmethod
+    def from_description(cls, label: str, described: dict[str, Any]) -> ModelSpec:
+        return cls(label, described["source"], described.get("endpoint"),
+                   described.get("tokenizer"), described.get("files_sha256"))
+
+
+def files_sha256(model_dir: Path) -> str:
+    """sha256 over every file under ``model_dir`` (relative names and contents, in name order):
+    weights, config, tokenizer and chat template all decide what the model generates."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(model_dir).as_posix()}\0".encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def default_label(source: str) -> str:
@@ -409,9 +433,14 @@ def _check_run_state(out_dir: Path, protocol: dict, models: list[ModelSpec],
     state = json.loads(path.read_text()) if path.is_file() else {}
     _check_compatible(state, str(out_dir), protocol, {s.label: s.describe() for s in models},
                       {b.name: b.sha256 for b in benchmarks})
+    known = state.get("models", {})
+    for spec in models:
+        if spec.files_sha256 and spec.label in known and "files_sha256" not in known[spec.label]:
+            logger.warning("%s: %s predates model hashes; its earlier samples of %r are "
+                           "trusted to be of these files", spec.label, path, spec.source)
     state = {
         "protocol": protocol,
-        "models": {**state.get("models", {}), **{s.label: s.describe() for s in models}},
+        "models": _union_models(known, {s.label: s.describe() for s in models}),
         "benchmarks": {**state.get("benchmarks", {}),
                        **{b.name: {"env_id": b.env_id, "sha256": b.sha256} for b in benchmarks}},
     }
@@ -440,7 +469,7 @@ def _check_compatible(state: dict, where: str, protocol: dict, models: dict[str,
             )
     known_models = state.get("models", {})
     for label, described in models.items():
-        if label in known_models and known_models[label] != described:
+        if label in known_models and not _same_model(known_models[label], described):
             raise ValueError(
                 f"label {label!r} in {where} was {known_models[label]}, now {described}; "
                 "give this model another label (label=path)"
@@ -452,6 +481,19 @@ def _check_compatible(state: dict, where: str, protocol: dict, models: dict[str,
                 f"{name} in {where} was evaluated on a different problem file "
                 "(its problems' hash changed); use another --out"
             )
+
+
+def _same_model(old: dict, new: dict) -> bool:
+    """Same source, and same files where both sides hashed them (a run.json from before hashes
+    were kept, or a model a custom loader builds, has no hash to compare)."""
+    if "files_sha256" not in old or "files_sha256" not in new:
+        old, new = ({k: v for k, v in d.items() if k != "files_sha256"} for d in (old, new))
+    return old == new
+
+
+def _union_models(base: dict, newer: dict) -> dict:
+    """``base``'s models updated by ``newer``'s, keeping a hash that only ``base`` has."""
+    return {**base, **{label: {**base.get(label, {}), **d} for label, d in newer.items()}}
 
 
 def merge_runs(out_dir: Path, sources: Iterable[str | os.PathLike]) -> list[ModelSpec]:
@@ -478,15 +520,14 @@ def merge_runs(out_dir: Path, sources: Iterable[str | os.PathLike]) -> list[Mode
             log.append(new)
             records.update((record_key(r), r) for r in new)
             imported.update(other.get("models", {}))
-            state["models"] = {**other.get("models", {}), **state["models"]}
+            state["models"] = _union_models(other.get("models", {}), state["models"])
             state["benchmarks"] = {**other.get("benchmarks", {}), **state["benchmarks"]}
             _merge_sessions(out_dir, source)
             logger.info("merged %d records from %s", len(new), source)
     finally:
         log.close()
     _write_run_state(out_dir, state)
-    return [ModelSpec(label, d["source"], d.get("endpoint"), d.get("tokenizer"))
-            for label, d in imported.items()]
+    return [ModelSpec.from_description(label, d) for label, d in imported.items()]
 
 
 def _merge_sessions(out_dir: Path, source: Path) -> None:
@@ -534,10 +575,9 @@ def run_leaderboard(
     ``merge``: leaderboard directories from other machines or runs, imported first (see the
     module docstring); models only they evaluated join the table and are never loaded here.
     Raises ``SetupError`` before any model loads when a benchmark, data file or model path is
-    missing, or ``out_dir`` or a ``merge`` directory holds samples made under another protocol.
+    missing, or ``out_dir`` or a ``merge`` directory holds samples made under another protocol
+    or, under a label it knows, of another model (for local files: of other file contents).
     """
-    from algos.models import resolve_model_dir
-
     out_dir = Path(out_dir)
     labels = [m.label for m in models]
     if not models or len(set(labels)) != len(labels):
@@ -547,9 +587,7 @@ def run_leaderboard(
     try:
         benchmarks = load_benchmarks(config)
         protocol = config.protocol()
-        for spec in models:
-            if load is load_model and not spec.endpoint:  # fail now, not after other models ran
-                resolve_model_dir(spec.source)
+        models = [_pinned(spec, resolve=load is load_model) for spec in models]
         _check_run_state(out_dir, protocol, models, benchmarks)
         merge = list(merge)
         merged = [m for m in merge_runs(out_dir, merge) if m.label not in labels] if merge else []
@@ -579,6 +617,16 @@ def run_leaderboard(
                             sessions=_read_sessions(out_dir))
     write_outputs(results, out_dir)
     return results
+
+
+def _pinned(spec: ModelSpec, *, resolve: bool) -> ModelSpec:
+    """``spec`` with its files' hash when its source is local files. With ``resolve`` a hub id is
+    looked up too, so a missing model fails now, not after other models ran."""
+    from algos.models import resolve_model_dir
+
+    if spec.endpoint or not (resolve or Path(spec.source).exists()):
+        return spec
+    return dataclasses.replace(spec, files_sha256=files_sha256(resolve_model_dir(spec.source)))
 
 
 def _missing(records: dict[Key, dict], spec: ModelSpec, bench: Benchmark,
