@@ -27,8 +27,10 @@ Held-out accuracy is pass@1 sampled at temperature 1 (the policy RL trains, not 
 averages out the noise of any single one.
 
 Each run is one file under ``runs/``, written when it ends; rerunning reads finished runs back
-and does only the missing ones. Writes ``results.json``, ``compare.md`` and ``curves.png`` into
-the output directory (default ``benchmarks/results/compare/``).
+and does only the missing ones. Every invocation that ran something appends its wall time and
+load to ``sessions.jsonl``, so the report states what the whole comparison cost. Writes
+``results.json``, ``compare.md`` and ``curves.png`` into the output directory (default
+``benchmarks/results/compare/``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from algos.evaluation.provenance import machine_info  # noqa: E402
+from algos.evaluation.provenance import LoadSampler, git_commit, machine_info, now  # noqa: E402
 from algos.warmup import heldout_ids  # noqa: E402
 from benchmarks.warmup import (  # noqa: E402
     KINDS,
@@ -178,6 +180,7 @@ SMOKE = (
 TRAIN_KEYS = ("reward/mean", "accuracy", "turns/mean", "tool_call_rate", "exec_error_rate",
               "groups/all_correct", "groups/no_signal", "adv/correct_code_turns_negative",
               "void_rate", "update/steps", "grad_norm", "time/rollout_s", "time/update_s")
+SESSIONS_FILE = "sessions.jsonl"
 EVAL_KEYS = ("pass@1", "mean_turns", "tool_call_rate", "code_error_rate", "samples")
 
 
@@ -305,9 +308,10 @@ def _worker_init(level: int) -> None:
 
 
 def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: int,
-            threads: int, report_only: bool = False) -> dict[Run, dict]:
+            threads: int, report_only: bool = False) -> tuple[dict[Run, dict], int]:
     """Every run, ``jobs`` at a time in fresh processes (``jobs=1``: here); finished ones are
-    read back instead (and, with ``report_only``, only those)."""
+    read back instead (and, with ``report_only``, only those). Returns the records and how many
+    runs this call made."""
     records: dict[Run, dict] = {}
     missing = []
     for run in todo:
@@ -318,7 +322,7 @@ def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: 
             records[run] = record
     logger.info("%d runs finished before, %d to do", len(records), len(missing))
     if report_only:
-        return records
+        return records, 0
 
     def done(run: Run, record: dict) -> None:
         records[run] = record
@@ -329,7 +333,7 @@ def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: 
     if jobs == 1:  # in this process: no worker start-up (a smoke run is mostly start-up)
         for run in missing:
             done(run, train_run(run, str(checkpoint), str(out), budget, threads))
-        return records
+        return records, len(missing)
     # spawn: each run gets a clean process (no forked torch thread pools or sandbox handles).
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
@@ -340,7 +344,7 @@ def run_all(todo: list[Run], checkpoint: Path, out: Path, budget: Budget, jobs: 
                    for run in missing}
         for future in concurrent.futures.as_completed(futures):
             done(futures[future], future.result())
-    return records
+    return records, len(missing)
 
 
 def save_best_models(runs: dict[str, dict[int, dict]], checkpoint: Path, out: Path,
@@ -497,6 +501,19 @@ def verdict(diff: dict | None) -> str:
             "the paper reports +3.0 points on math benchmarks with far larger models.")
 
 
+def append_session(out: Path, session: dict) -> None:
+    with (out / SESSIONS_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(session) + "\n")
+
+
+def read_sessions(out: Path) -> list[dict]:
+    """The invocations that ran something (or built the warm-up), oldest first."""
+    path = out / SESSIONS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run_provenance(started: float, load_start: tuple[float, ...]) -> dict:
     """The machine record, with the load at this invocation's start and end."""
     return {**machine_info(("torch",)), "load_average_start": list(load_start),
@@ -569,17 +586,32 @@ def write_markdown(path: Path, results: dict, title: str) -> None:
             lines.append(f"| {row['test']} | {len(row['seeds'])} | {100 * row['mean']:+.1f} | "
                          f"{ci} | {row['p']:.3f} | {row['holm_threshold']:.3f} | "
                          f"{verdict_cell} |")
-    load = machine["load_average_start"]
     lines += [
         "", "![learning curves](curves.png)", "",
         (f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
-         f"commit {machine['commit']}; {machine['date']}. Load average (1/5/15 min) "
-         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the start, "
-         f"{machine['load_average_end'][0]:.1f} at the end (other jobs shared the machine when it "
-         f"is above the core count). Run time per run: "
+         f"report written at commit {machine['commit']}; {machine['date']}. Run time per run: "
          f"{results['seconds_per_run_median']:.0f} s median."), "",
+        cost_sentence(results["sessions"]), "",
     ]
     path.write_text("\n".join(lines))
+
+
+def cost_sentence(sessions: list[dict]) -> str:
+    """What the comparison cost in wall time, over the invocations that ran it, and how busy
+    the machine was meanwhile."""
+    if not sessions:
+        return "Wall time: not recorded (the runs predate the invocation log, sessions.jsonl)."
+    wall = sum(s["wall_seconds"] for s in sessions)
+    load = sum(s["load_1min"]["mean"] * s["wall_seconds"] for s in sessions) / wall
+    warmup = " (the warm-up built in it too)" if any(s["warmup_built"] for s in sessions) else ""
+    commits = ", ".join(dict.fromkeys(str(s["commit"]) for s in sessions))
+    return (f"Wall time: {wall / 3600:.2f} h for {sum(s['runs'] for s in sessions)} runs"
+            f"{warmup}, over {len(sessions)} invocation(s) at commit {commits}, "
+            f"{sessions[-1]['jobs']} runs at a time with {sessions[-1]['threads']} torch thread "
+            f"each. 1-minute load average {load:.1f} mean, "
+            f"{max(s['load_1min']['max'] for s in sessions):.1f} max; the runs' own sandboxes "
+            "count in it, so it exceeds the job count even on a machine with nothing else "
+            "running.")
 
 
 def plot(path: Path, summary: dict, title: str) -> None:
@@ -647,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    started, load_start = time.perf_counter(), os.getloadavg()
+    started, started_at, load_start = time.perf_counter(), now(), os.getloadavg()
     budget, warmup = SMOKE if args.smoke else DEFAULT
     if args.seeds:
         budget = dataclasses.replace(budget, seeds=args.seeds)
@@ -663,19 +695,28 @@ def main(argv: list[str] | None = None) -> dict:
     title = ("Algorithm comparison (smoke run: not a result)" if args.smoke
              else "Algorithm comparison: GTPO vs GRPO vs PPO on a tiny TIR task")
 
-    checkpoint = warmup_checkpoint(out, warmup)
-    swept = [m for m in BASE if any(METHODS[x][0] == m for x in args.methods)]
-    sweep = run_all(sweep_runs(budget, swept), checkpoint, out, budget, args.jobs, args.threads,
-                    args.report_only)
-    lr_sweep = best_lrs(sweep)
-    runs: dict[str, dict[int, dict]] = {}
-    if args.phase != "sweep":
-        lrs = {algo: row["best_lr"] for algo, row in lr_sweep.items()}
-        todo = main_runs(budget, args.methods, lrs, budget.seeds, seeds_by_method)
-        for run, record in run_all(todo, checkpoint, out, budget, args.jobs, args.threads,
-                                   args.report_only).items():
-            runs.setdefault(run.method, {})[run.seed] = record
-        runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
+    warmup_built = not (out / "warmup" / "model").is_dir()
+    with LoadSampler() as load:
+        checkpoint = warmup_checkpoint(out, warmup)
+        swept = [m for m in BASE if any(METHODS[x][0] == m for x in args.methods)]
+        sweep, ran = run_all(sweep_runs(budget, swept), checkpoint, out, budget, args.jobs,
+                             args.threads, args.report_only)
+        lr_sweep = best_lrs(sweep)
+        runs: dict[str, dict[int, dict]] = {}
+        if args.phase != "sweep":
+            lrs = {algo: row["best_lr"] for algo, row in lr_sweep.items()}
+            todo = main_runs(budget, args.methods, lrs, budget.seeds, seeds_by_method)
+            finished, ran_main = run_all(todo, checkpoint, out, budget, args.jobs, args.threads,
+                                         args.report_only)
+            ran += ran_main
+            for run, record in finished.items():
+                runs.setdefault(run.method, {})[run.seed] = record
+            runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
+    if ran or warmup_built:
+        append_session(out, {"started": started_at, "wall_seconds": time.perf_counter() - started,
+                             "runs": ran, "warmup_built": warmup_built, "jobs": args.jobs,
+                             "threads": args.threads, "commit": git_commit(),
+                             "load_1min": load.summary()})
     summary = summarize(runs)
     # Every method against GRPO (the paper's question), each GTPO variant against GTPO (what the
     # ablation or stabiliser changes), and GTPO against GRPO on GTPO's own reward (the summed
@@ -704,6 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
             [r["seconds"] for r in sweep.values()]
             + [r["seconds"] for by_seed in runs.values() for r in by_seed.values()])),
         "machine": run_provenance(started, load_start),
+        "sessions": read_sessions(out),
     }
     write_json(out / "results.json", results)
     write_markdown(out / "compare.md", results, title)

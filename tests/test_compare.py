@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from algos.evaluation.provenance import LoadSampler
 from benchmarks import compare
 from benchmarks.warmup import KINDS, WRONG, heldout_ids, wrong_solver
 from tir_envs.procedural import generate
@@ -127,6 +129,12 @@ def test_smoke_run_sweeps_then_compares_writes_report_and_resumes(tmp_path):
     markdown = (tmp_path / "compare.md").read_text()
     assert "| gtpo |" in markdown and "95% CI" in markdown and saved["verdict"] in markdown
     assert "## Learning rates (validation split)" in markdown
+    # The invocation is logged: what it ran, its wall time and load, and the report says so.
+    made = [p for phase in ("sweep", "main") for p in (tmp_path / "runs" / phase).rglob("*.json")]
+    (session,) = saved["sessions"]
+    assert session["runs"] == len(made) == 9 and session["warmup_built"]
+    assert session["wall_seconds"] > 0 and session["load_1min"]["samples"] >= 2
+    assert "Wall time: " in markdown and "for 9 runs (the warm-up built in it too)" in markdown
 
     # Rerun: every finished run and the warm-up are read back, nothing is redone.
     runs = sorted((tmp_path / "runs").rglob("*.json"))
@@ -136,6 +144,7 @@ def test_smoke_run_sweeps_then_compares_writes_report_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps
     assert (tmp_path / "warmup" / "warmup.json").stat().st_mtime_ns == warmup
     assert again["runs"] == results["runs"]
+    assert again["sessions"] == saved["sessions"]  # it ran nothing, so it logged nothing
     # The best seed of each algorithm, rerun for its model, retraces its recorded curve exactly.
     best = again["best_models"]
     assert set(best) == {"gtpo", "grpo"}
@@ -155,3 +164,12 @@ def test_smoke_run_sweeps_then_compares_writes_report_and_resumes(tmp_path):
         compare.read_finished(main_run, budget, lr=0.5)
     with pytest.raises(ValueError, match="another warm-up config"):
         compare.main(["--out", str(tmp_path), "--methods", "gtpo", "--jobs", "1"])
+
+
+def test_the_load_sampler_samples_throughout_and_summarizes():
+    with LoadSampler(every_s=0.01) as load:
+        time.sleep(0.1)
+    summary, values = load.summary(), [round(v, 2) for v in load.samples]
+    assert summary["samples"] == len(values) >= 3
+    assert (summary["start"], summary["end"]) == (values[0], values[-1])
+    assert min(values) - 0.01 <= summary["mean"] <= summary["max"] == max(values)

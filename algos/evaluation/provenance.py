@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,40 @@ def machine_info(packages: tuple[str, ...] = ("torch", "transformers", "gymnasiu
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+class LoadSampler:
+    """The 1-minute load average, sampled every ``every_s`` seconds by a daemon thread while the
+    ``with`` block runs: an hours-long benchmark says how busy the machine was throughout, not
+    only at its two ends."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.samples: list[float] = []
+        self._every_s = every_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stopped.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stopped.wait(self._every_s):
+                return
+
+    def summary(self) -> dict[str, float]:
+        """First, mean, max and last sample, rounded to 0.01."""
+        values = self.samples or [os.getloadavg()[0]]
+        return {"start": round(values[0], 2), "mean": round(sum(values) / len(values), 2),
+                "max": round(max(values), 2), "end": round(values[-1], 2),
+                "samples": len(values)}
 
 
 def write_benchmark(out: Path, name: str, report: dict, markdown: str) -> None:
