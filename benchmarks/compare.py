@@ -166,9 +166,10 @@ class Budget:
         return [0, *self.eval_at]
 
 
-# Sized from probes on the shared 2-core machine (2026-12-05, 1 thread per run, load ~2):
-# one evaluation of 64 problems x 8 samples ~60-70 s, one training iteration ~5-8 s (PPO ~12 s),
-# so a run costs ~5-6 min and the 12-epoch warm-up ~30 min at that load.
+# Sized from probes on the shared 2-core machine (2026-12-05, 1 thread per run, load ~2): one
+# evaluation of 64 problems x 8 samples ~60-70 s, one training iteration ~5-8 s (PPO ~12 s).
+# Measured end to end on a quiet machine (2026-12-06, results/compare_rerun): the sweep and nine
+# methods x 5 seeds, 54 runs two at a time, took 1.9 h; a run 236 s median.
 DEFAULT = (Budget(), WarmupConfig())
 SMOKE = (
     Budget(iterations=2, prompts=2, group_size=2, minibatch_size=4, eval_at=(1, 2),
