@@ -181,8 +181,8 @@ SMOKE = (
 TRAIN_KEYS = ("reward/mean", "accuracy", "turns/mean", "tool_call_rate", "exec_error_rate",
               "groups/all_correct", "groups/no_signal", "adv/correct_code_turns_negative",
               "void_rate", "update/steps", "grad_norm", "time/rollout_s", "time/update_s")
-SESSIONS_FILE = "sessions.jsonl"
 EVAL_KEYS = ("pass@1", "mean_turns", "tool_call_rate", "code_error_rate", "samples")
+SESSIONS_FILE = "sessions.jsonl"
 
 
 # ------------------------------------------------------------------------------------ runs
