@@ -53,7 +53,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from algos.evaluation.provenance import LoadSampler, git_commit, machine_info, now  # noqa: E402
+from algos.evaluation.provenance import (  # noqa: E402
+    LoadSampler,
+    append_sessions,
+    git_commit,
+    machine_info,
+    now,
+    read_sessions,
+)
 from algos.warmup import heldout_ids  # noqa: E402
 from benchmarks.warmup import (  # noqa: E402
     KINDS,
@@ -182,7 +189,6 @@ TRAIN_KEYS = ("reward/mean", "accuracy", "turns/mean", "tool_call_rate", "exec_e
               "groups/all_correct", "groups/no_signal", "adv/correct_code_turns_negative",
               "void_rate", "update/steps", "grad_norm", "time/rollout_s", "time/update_s")
 EVAL_KEYS = ("pass@1", "mean_turns", "tool_call_rate", "code_error_rate", "samples")
-SESSIONS_FILE = "sessions.jsonl"
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -502,19 +508,6 @@ def verdict(diff: dict | None) -> str:
             "the paper reports +3.0 points on math benchmarks with far larger models.")
 
 
-def append_session(out: Path, session: dict) -> None:
-    with (out / SESSIONS_FILE).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(session) + "\n")
-
-
-def read_sessions(out: Path) -> list[dict]:
-    """The invocations that ran something (or built the warm-up), oldest first."""
-    path = out / SESSIONS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_provenance(started: float, load_start: tuple[float, ...]) -> dict:
     """The machine record, with the load at this invocation's start and end."""
     return {**machine_info(("torch",)), "load_average_start": list(load_start),
@@ -714,10 +707,10 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.setdefault(run.method, {})[run.seed] = record
             runs = {m: dict(sorted(runs[m].items())) for m in args.methods if m in runs}
     if ran or warmup_built:
-        append_session(out, {"started": started_at, "wall_seconds": time.perf_counter() - started,
-                             "runs": ran, "warmup_built": warmup_built, "jobs": args.jobs,
-                             "threads": args.threads, "commit": git_commit(),
-                             "load_1min": load.summary()})
+        append_sessions(out, [{
+            "started": started_at, "wall_seconds": time.perf_counter() - started, "runs": ran,
+            "warmup_built": warmup_built, "jobs": args.jobs, "threads": args.threads,
+            "commit": git_commit(), "load_1min": load.summary()}])
     summary = summarize(runs)
     # Every method against GRPO (the paper's question), each GTPO variant against GTPO (what the
     # ablation or stabiliser changes), and GTPO against GRPO on GTPO's own reward (the summed

@@ -46,7 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from algos.evaluation.provenance import machine_info, now
+from algos.evaluation.provenance import (
+    append_sessions,
+    machine_info,
+    now,
+    read_sessions,
+)
 from algos.evaluation.report import write_outputs
 from algos.evaluation.scoring import heldout_problems, sample_record, summarize
 from algos.generation.base import Generator, SamplingParams
@@ -59,7 +64,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BENCHMARKS = ("gsm8k", "svamp", "math500", "aime24", "amc23")
 RECORDS_FILE = "records.jsonl"
 RUN_FILE = "run.json"
-SESSIONS_FILE = "sessions.jsonl"
 _METRICS = ("pass@1", "pass@k", "mean_turns", "tool_call_rate", "code_error_rate")
 _GENERIC_DIR_NAMES = re.compile(r"^(final|latest|best|model|checkpoint[-_\w]*)$")
 
@@ -531,10 +535,9 @@ def merge_runs(out_dir: Path, sources: Iterable[str | os.PathLike]) -> list[Mode
 
 
 def _merge_sessions(out_dir: Path, source: Path) -> None:
-    known = {json.dumps(s, sort_keys=True) for s in _read_sessions(out_dir)}
-    added = [s for s in _read_sessions(source) if json.dumps(s, sort_keys=True) not in known]
-    with (out_dir / SESSIONS_FILE).open("a", encoding="utf-8") as f:
-        f.writelines(json.dumps(s) + "\n" for s in added)
+    known = {json.dumps(s, sort_keys=True) for s in read_sessions(out_dir)}
+    append_sessions(out_dir, [s for s in read_sessions(source)
+                              if json.dumps(s, sort_keys=True) not in known])
 
 
 # ---------------------------------------------------------------------------------- running
@@ -614,7 +617,7 @@ def run_leaderboard(
         log.close()
         _append_session(out_dir, session_start, time.perf_counter() - started, log.appended)
     results = build_results(records, models + merged, benchmarks, config, protocol, title=title,
-                            sessions=_read_sessions(out_dir))
+                            sessions=read_sessions(out_dir))
     write_outputs(results, out_dir)
     return results
 
@@ -747,14 +750,5 @@ def build_results(
 
 def _append_session(out_dir: Path, started: str, seconds: float, evaluated: int) -> None:
     """One line per run, so the results say when and where their samples were made."""
-    entry = {"started": started, "seconds": round(seconds, 1), "samples_evaluated": evaluated,
-             "machine": machine_info()}
-    with (out_dir / SESSIONS_FILE).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _read_sessions(out_dir: Path) -> list[dict]:
-    path = out_dir / SESSIONS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    append_sessions(out_dir, [{"started": started, "seconds": round(seconds, 1),
+                               "samples_evaluated": evaluated, "machine": machine_info()}])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+SESSIONS_FILE = "sessions.jsonl"
 
 
 def now() -> str:
@@ -115,6 +116,21 @@ class LoadSampler:
         return {"start": round(values[0], 2), "mean": round(sum(values) / len(values), 2),
                 "max": round(max(values), 2), "end": round(values[-1], 2),
                 "samples": len(values)}
+
+
+def append_sessions(out_dir: Path, sessions: list[dict]) -> None:
+    """Append invocation records to ``out_dir/sessions.jsonl``: a resumable benchmark's results
+    then say when, where and at what cost each part of them was made."""
+    with (out_dir / SESSIONS_FILE).open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in sessions)
+
+
+def read_sessions(out_dir: Path) -> list[dict]:
+    """The records ``append_sessions`` wrote, oldest first ([] when there are none)."""
+    path = out_dir / SESSIONS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_benchmark(out: Path, name: str, report: dict, markdown: str) -> None:
